@@ -1,0 +1,48 @@
+"""dora_jax: weight-decomposed low-rank adaptation (DoRA), LoRA and rsLoRA for JAX / Flax.
+
+The core is pure functions on arrays and pytrees (:mod:`dora_jax.core`,
+:mod:`dora_jax.tree`); :func:`wrap` runs a Linen model with adapters,
+:mod:`dora_jax.nnx` wraps NNX modules, :mod:`dora_jax.optim` freezes the base.
+"""
+
+from dora_jax import core
+from dora_jax.config import LoraConfig
+from dora_jax.core import (
+    column_norm,
+    decompose_kernel,
+    decomposition_shift,
+    factored_column_norm,
+    merge_kernel,
+    unmerge_kernel,
+)
+from dora_jax.linen import kernel_layouts, wrap
+from dora_jax.optim import (
+    adapter_labels,
+    freeze_base,
+    make_train_step,
+    trainable_mask,
+    weight_decay_mask,
+)
+from dora_jax.tree import (
+    KernelLayout,
+    check_adapters,
+    combine,
+    count_params,
+    decompose,
+    init_adapters,
+    merge,
+    select_targets,
+    split,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "KernelLayout", "core",
+    "init_adapters", "wrap", "merge", "unmerge", "decompose", "kernel_layouts",
+    "select_targets", "check_adapters", "combine", "split", "count_params",
+    "column_norm", "factored_column_norm", "merge_kernel", "unmerge_kernel",
+    "decompose_kernel", "decomposition_shift",
+    "adapter_labels", "trainable_mask", "weight_decay_mask", "freeze_base", "make_train_step",
+]
