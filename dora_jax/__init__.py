@@ -6,6 +6,7 @@ The core is pure functions on arrays and pytrees (:mod:`dora_jax.core`,
 """
 
 from dora_jax import core
+from dora_jax import nnx
 from dora_jax.config import LoraConfig
 from dora_jax.core import (
     column_norm,
@@ -45,4 +46,20 @@ __all__ = [
     "column_norm", "factored_column_norm", "merge_kernel", "unmerge_kernel",
     "decompose_kernel", "decomposition_shift",
     "adapter_labels", "trainable_mask", "weight_decay_mask", "freeze_base", "make_train_step",
+]
+
+from dora_jax.checkpoint import (
+    CheckpointMismatchError,
+    TrainCheckpointer,
+    export_peft,
+    import_peft,
+    load_adapters,
+    params_fingerprint,
+    peft_module_name,
+    save_adapters,
+)
+
+__all__ += [
+    "save_adapters", "load_adapters", "TrainCheckpointer", "CheckpointMismatchError",
+    "export_peft", "import_peft", "peft_module_name", "params_fingerprint",
 ]

@@ -1,0 +1,657 @@
+"""Adapters for Flax NNX models: module wrapping and a functional route over state.
+
+Module route (train in place, NNX style)::
+
+    model = dora_jax.nnx.apply_adapters(model, config, nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=dora_jax.nnx.Adapter)
+    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, dora_jax.nnx.Adapter))(model, x, y)
+    optimizer.update(model, grads)
+    model = dora_jax.nnx.merge_adapters(model)   # plain nnx.Linear / ... with W'
+
+:func:`apply_adapters` replaces each targeted ``nnx.Linear``, ``nnx.LinearGeneral``
+and ``nnx.Einsum`` by an :class:`AdaptedLinear` that keeps the original module as
+``base_layer`` (its ``kernel`` and ``bias`` stay ``nnx.Param``) and holds
+``lora_a [I, r]``, ``lora_b [r, O]`` and, for DoRA, ``magnitude [O]`` as
+:class:`Adapter` variables: ``nnx.state(model, Adapter)`` and
+``nnx.Optimizer(..., wrt=Adapter)`` see the adapters only. The forward is the
+factored one of :mod:`dora_jax.linen` (PEFT semantics, ``W'`` never formed):
+
+    LoRA:  y = y0 + s·(drop(x) A) B
+    DoRA:  y = y0 + (g − 1) ⊙ (x' W0) + g ⊙ s·(drop(x) A) B,  g = m / sg(||W0 + sAB||_c)
+
+with ``y0`` from the base module's own ``__call__`` and ``x' W0 = y0 − b`` without
+dropout (the bias is never rescaled). The adapter dropout is an ``nnx.Dropout``
+(rng stream ``'dropout'``), switched by ``model.train()`` / ``model.eval()`` /
+``nnx.view(model, deterministic=...)``.
+
+Functional route (the merged fallback, any NNX model)::
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    adapters = dora_jax.init_adapters(key, param_dict(params), config,
+                                      layouts=kernel_layouts(model))
+    y = functional_apply(graphdef, (params, rest), adapters, config, x)
+
+:func:`param_dict` gives the ``Param`` state as the nested ``{str: ...}`` dict that
+:func:`dora_jax.init_adapters`, :func:`dora_jax.merge` and :func:`dora_jax.decompose`
+take; :func:`merged_state` folds adapters into an ``nnx.State``.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import math
+import re
+import string
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import opt_einsum
+from flax import nnx
+
+from dora_jax import core
+from dora_jax import tree as tree_lib
+from dora_jax.config import LoraConfig
+
+Array = jax.Array
+_F32 = jnp.float32
+
+SUPPORTED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+"""Module types :func:`apply_adapters` wraps."""
+
+
+class Adapter(nnx.Variable):
+  """A trainable adapter parameter (``lora_a``, ``lora_b``, ``magnitude``).
+
+  Deliberately not a subclass of ``nnx.Param``: the filter ``Adapter`` selects the
+  adapters only and ``nnx.Param`` the (frozen) base only.
+  """
+
+
+# ---------------------------------------------------------------------------
+# Pure math: how an input contracts with a kernel seen as a matrix [I, O]
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+  """A linear layer ``y = x ⋅ W`` written in einsum letters, the kernel viewed as ``[I, O]``.
+
+  Attributes:
+    lhs: letters of the input ``x`` (one per axis).
+    ins: letters of the kernel's input axes, in the order they flatten to ``I``.
+    outs: letters of the kernel's output axes, in the order they flatten to ``O``.
+    out: letters of the output ``y``; holds every letter of ``outs``.
+    in_shape: sizes of ``ins`` (product ``I``).
+    out_shape: sizes of ``outs`` (product ``O``).
+  """
+
+  lhs: str
+  ins: str
+  outs: str
+  out: str
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+
+  @classmethod
+  def dense(cls, x_ndim: int, axis: Sequence[int], in_shape: Sequence[int],
+            out_shape: Sequence[int]) -> "Projection":
+    """``nnx.Linear`` / ``nnx.LinearGeneral``: contract ``x``'s ``axis`` (in kernel order)
+    with a kernel ``[*in_shape, *out_shape]``; ``y`` is ``[*other axes of x, *out_shape]``."""
+    axis = tuple(ax % x_ndim for ax in axis)
+    lhs = string.ascii_letters[:x_ndim]
+    outs = string.ascii_letters[x_ndim : x_ndim + len(out_shape)]
+    ins = "".join(lhs[ax] for ax in axis)
+    free = "".join(c for i, c in enumerate(lhs) if i not in axis)
+    return cls(lhs, ins, outs, free + outs, tuple(in_shape), tuple(out_shape))
+
+  @classmethod
+  def einsum(cls, equation: str, x_shape: Sequence[int], kernel_shape: Sequence[int]) -> "Projection":
+    """``nnx.Einsum``: ``equation`` is ``"lhs,rhs->out"`` with the kernel as ``rhs``.
+
+    Raises:
+      ValueError: if the kernel axes do not split into input axes (contracted with
+        ``x``) and output axes (kept in ``y``, absent from ``x``).
+    """
+    rhs, ins, outs = einsum_kernel_axes(equation)
+    operands, out, _ = opt_einsum.parser.parse_einsum_input(
+        (equation.replace(" ", ""), jax.ShapeDtypeStruct(tuple(x_shape), _F32),
+         jax.ShapeDtypeStruct(tuple(kernel_shape), _F32)))
+    lhs = operands.split(",")[0]
+    missing = [c for c in ins if c not in lhs]
+    if missing:
+      raise ValueError(f"Einsum '{equation}': kernel axes {missing} are not contracted with the input.")
+    size = dict(zip(rhs, kernel_shape))
+    return cls(lhs, ins, outs, out, tuple(size[c] for c in ins), tuple(size[c] for c in outs))
+
+  @property
+  def i_dim(self) -> int:
+    return math.prod(self.in_shape)
+
+  @property
+  def o_dim(self) -> int:
+    return math.prod(self.out_shape)
+
+  @property
+  def free(self) -> str:
+    """Letters of ``x`` that are not contracted with the kernel."""
+    return "".join(c for c in self.lhs if c not in self.ins)
+
+  def _rank_letter(self) -> str:
+    used = self.lhs + self.ins + self.outs + self.out
+    return next(c for c in string.ascii_letters if c not in used)
+
+  def _out_broadcast_shape(self) -> list[int]:
+    return [self.out_shape[self.outs.index(c)] if c in self.outs else 1 for c in self.out]
+
+  def low_rank(self, x: Array, a: Array, b: Array, dtype) -> Array:
+    """``(x A) B`` in ``y``'s layout, float32; ``a: [I, r]``, ``b: [r, O]``.
+
+    Operands are cast to ``dtype``; ``x A`` is rounded to ``dtype`` before ``B``.
+    """
+    r, rl = a.shape[-1], self._rank_letter()
+    h = jnp.einsum(f"{self.lhs},{self.ins}{rl}->{self.free}{rl}", x.astype(dtype),
+                   a.astype(dtype).reshape(*self.in_shape, r), preferred_element_type=_F32)
+    return jnp.einsum(f"{self.free}{rl},{rl}{self.outs}->{self.out}", h.astype(dtype),
+                      b.astype(dtype).reshape(r, *self.out_shape), preferred_element_type=_F32)
+
+  def base(self, x: Array, w_mat: Array, dtype) -> Array:
+    """``x W0`` (no bias) in ``y``'s layout, float32; ``w_mat: [I, O]``."""
+    return jnp.einsum(f"{self.lhs},{self.ins}{self.outs}->{self.out}", x.astype(dtype),
+                      w_mat.astype(dtype).reshape(*self.in_shape, *self.out_shape),
+                      preferred_element_type=_F32)
+
+  def per_output(self, v: Array) -> Array:
+    """A per-output-feature vector ``[O]`` (``outs`` order) broadcastable against ``y``."""
+    t = v.reshape(self.out_shape)
+    order = sorted(range(len(self.outs)), key=lambda i: self.out.index(self.outs[i]))
+    return jnp.transpose(t, order).reshape(self._out_broadcast_shape())
+
+  def output_bias(self, bias: Array) -> Array:
+    """A module's bias (its output axes in ``y``'s order, as Flax stores it) broadcastable against ``y``."""
+    return bias.reshape(self._out_broadcast_shape())
+
+
+def factored_output(
+    proj: Projection,
+    y0: Array,
+    x_in: Array,
+    w_mat: Array,
+    a: Array,
+    b: Array,
+    scale: float,
+    magnitude: Array | None = None,
+    bias: Array | None = None,
+    dropped: bool = False,
+) -> Array:
+  """The adapted output from the base output, without forming ``W'`` (PEFT semantics).
+
+  Args:
+    proj: how the layer contracts its input with the kernel matrix.
+    y0: the base module's output ``x W0 + b`` (its dtype is the compute dtype).
+    x_in: the adapter's input: ``drop(x)`` when ``dropped``, else ``x``.
+    w_mat: the base kernel as ``[I, O]``.
+    a: ``[I, r]``. b: ``[r, O]``. scale: ``s``.
+    magnitude: DoRA's ``m [O]``; ``None`` for LoRA.
+    bias: the module's bias (needed for DoRA without dropout: ``x W0 = y0 − b``).
+    dropped: whether ``x_in`` is a dropped-out input; then DoRA computes
+      ``drop(x) W0`` with one more matmul, as PEFT does.
+
+  Returns:
+    LoRA ``y0 + s·(x_in A) B``; DoRA ``y0 + (g − 1)·(x_in W0) + g·s·(x_in A) B`` with
+    ``g = m / sg(||W0 + sAB||_c)``, in ``y0``'s dtype.
+  """
+  dt = y0.dtype
+  low = scale * proj.low_rank(x_in, a, b, dt)
+  if magnitude is None:
+    return (y0.astype(_F32) + low).astype(dt)
+  norm = core.factored_column_norm(w_mat, a, b, scale)
+  g = proj.per_output(core.dora_column_scale(magnitude, norm))
+  if dropped:
+    base = proj.base(x_in, w_mat, dt)
+  else:
+    base = y0.astype(_F32)
+    if bias is not None:
+      base = base - proj.output_bias(bias).astype(_F32)
+  return (y0.astype(_F32) + (g - 1.0) * base + g * low).astype(dt)
+
+
+def einsum_kernel_axes(equation: str) -> tuple[str, str, str]:
+  """``(rhs, ins, outs)`` letters of an Einsum's kernel; ``ins``/``outs`` in kernel order.
+
+  Raises:
+    ValueError: if the kernel has an ellipsis or an axis that is both kept in the
+      output and present in the input (a batched einsum: one matrix per index).
+  """
+  eq = equation.replace(" ", "")
+  operands, out = eq.split("->")
+  lhs, rhs = operands.split(",")
+  if "." in rhs:
+    raise ValueError(f"Einsum '{equation}': an ellipsis in the kernel operand is not supported.")
+  ins = "".join(c for c in rhs if c not in out)
+  outs = "".join(c for c in rhs if c in out)
+  batched = [c for c in outs if c in lhs]
+  if batched or not ins or not outs:
+    raise ValueError(
+        f"Einsum '{equation}' cannot be adapted as one [I, O] matrix: kernel axes"
+        f" {list(rhs)} must split into input axes (contracted with the input) and"
+        f" output axes (kept in the output, absent from the input)"
+        + (f"; {batched} are batch axes." if batched else "."))
+  return rhs, ins, outs
+
+
+# ---------------------------------------------------------------------------
+# Base modules seen as [I, O]
+
+
+def _kernel_perm(module: nnx.Module) -> tuple[int, ...] | None:
+  """Axis permutation that brings an Einsum kernel to ``[ins..., outs...]`` (None: already)."""
+  if not isinstance(module, nnx.Einsum):
+    return None
+  rhs, ins, outs = einsum_kernel_axes(module.einsum_str)
+  perm = tuple(rhs.index(c) for c in ins + outs)
+  return None if perm == tuple(range(len(perm))) else perm
+
+
+def _matrix_dims(module: nnx.Module) -> tuple[int, int]:
+  """``(I, O)`` of a supported module's kernel."""
+  shape = tuple(module.kernel.shape)
+  if isinstance(module, nnx.Einsum):
+    rhs, ins, outs = einsum_kernel_axes(module.einsum_str)
+    size = dict(zip(rhs, shape))
+    return math.prod(size[c] for c in ins), math.prod(size[c] for c in outs)
+  if isinstance(module, nnx.LinearGeneral):
+    k = len(module.in_features)
+    return math.prod(shape[:k]), math.prod(shape[k:])
+  return shape[0], shape[1]
+
+
+def kernel_matrix(module: nnx.Module) -> Array:
+  """The kernel of an ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` as ``W0: [I, O]``."""
+  w = module.kernel[...]
+  perm = _kernel_perm(module)
+  if perm is not None:
+    w = jnp.transpose(w, perm)
+  return w.reshape(_matrix_dims(module))
+
+
+def kernel_from_matrix(module: nnx.Module, w_mat: Array) -> Array:
+  """Inverse of :func:`kernel_matrix`: ``[I, O]`` back to the module's kernel shape."""
+  shape = tuple(module.kernel.shape)
+  perm = _kernel_perm(module)
+  if perm is None:
+    return w_mat.reshape(shape)
+  w = w_mat.reshape(tuple(shape[p] for p in perm))
+  return jnp.transpose(w, tuple(perm.index(i) for i in range(len(perm))))
+
+
+def check_supported(module: Any, path: str = "") -> None:
+  """Raises a ``ValueError`` naming the type if ``module`` cannot be wrapped."""
+  where = f" at '{path}'" if path else ""
+  if isinstance(module, AdaptedLinear):
+    raise ValueError(f"The module{where} already has adapters; merge_adapters(model) first.")
+  if not isinstance(module, SUPPORTED_TYPES):
+    raise ValueError(
+        f"The module{where} is a {type(module).__module__}.{type(module).__name__}:"
+        " dora_jax.nnx adapts nnx.Linear, nnx.LinearGeneral and nnx.Einsum. Exclude it"
+        " (exclude_modules) or use the functional route (dora_jax.nnx.merged_state).")
+  if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
+    raise ValueError(
+        f"The nnx.LinearGeneral{where} has batch_axis={dict(module.batch_axis)}: one"
+        " kernel per batch index is not supported by the module route; use the"
+        " functional route (dora_jax.nnx.merged_state with kernel_layouts(model)).")
+  if isinstance(module, nnx.Einsum):
+    try:
+      einsum_kernel_axes(module.einsum_str)
+    except ValueError as e:
+      raise ValueError(f"The nnx.Einsum{where}: {e}") from None
+
+
+def _projection(module: nnx.Module, x: Array, args, kwargs) -> Projection:
+  if isinstance(module, nnx.Einsum):
+    eq = kwargs.get("einsum_str") or (args[0] if args else None) or module.einsum_str
+    if eq != module.einsum_str and einsum_kernel_axes(eq) != einsum_kernel_axes(module.einsum_str):
+      raise ValueError(
+          f"A call-time einsum_str '{eq}' must name the kernel's input and output axes as"
+          f" the module's '{module.einsum_str}' does: the adapter is laid out for those.")
+    return Projection.einsum(eq, x.shape, module.kernel.shape)
+  if isinstance(module, nnx.LinearGeneral):
+    k = len(module.in_features)
+    return Projection.dense(x.ndim, module.axis, module.kernel.shape[:k], module.kernel.shape[k:])
+  return Projection.dense(x.ndim, (-1,), module.kernel.shape[:1], module.kernel.shape[1:])
+
+
+# ---------------------------------------------------------------------------
+# The wrapper module
+
+
+def _init_matrix_adapters(key: Array, mats: Mapping[str, Array], config: LoraConfig) -> dict[str, dict]:
+  """Adapters for kernels given as ``{path: W0 [I, O]}``, by :func:`dora_jax.init_adapters`.
+
+  The draws equal ``init_adapters(key, params, config)`` on the model's own params
+  (each module folds its path into ``key``).
+  """
+  if "" in mats:  # the root module (then the only one)
+    params = {"kernel": mats[""]}
+  else:
+    params = tree_lib.unflatten({p: {"kernel": w} for p, w in mats.items()})
+  exact = dataclasses.replace(
+      config, target_modules="|".join(re.escape(p) for p in mats), exclude_modules=None)
+  return tree_lib.flatten_adapters(tree_lib.init_adapters(key, params, exact))
+
+
+class AdaptedLinear(nnx.Module):
+  """An ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` with a LoRA or DoRA adapter.
+
+  Attributes:
+    base_layer: the wrapped module (``kernel`` ``W0`` and ``bias`` stay ``nnx.Param``).
+    lora_a: :class:`Adapter` ``[I, r]``.
+    lora_b: :class:`Adapter` ``[r, O]``.
+    magnitude: :class:`Adapter` ``[O]`` (DoRA), else ``None``.
+    lora_dropout: an ``nnx.Dropout`` on the adapter input (``None`` when the rate is 0).
+    config: the :class:`LoraConfig`.
+
+  ``I``/``O`` are the products of the kernel's input/output axes; an Einsum kernel
+  is first transposed to ``[inputs..., outputs...]`` (see :func:`kernel_matrix`).
+  """
+
+  def __init__(
+      self,
+      base_layer: nnx.Module,
+      config: LoraConfig,
+      *,
+      rngs: nnx.Rngs,
+      adapter: Mapping[str, Array] | None = None,
+      deterministic: bool = False,
+  ):
+    """Wraps ``base_layer``.
+
+    Args:
+      base_layer: the module to adapt.
+      config: rank, scale, dropout, LoRA or DoRA, init.
+      rngs: ``rngs.params()`` draws the init (unless ``adapter`` is given);
+        the dropout forks ``rngs['dropout']``.
+      adapter: ``{"lora_a": [I, r], "lora_b": [r, O][, "magnitude": [O]]}`` to
+        start from instead of a fresh init.
+      deterministic: initial dropout mode (NNX's ``nnx.Dropout`` default is
+        ``False``: active until ``model.eval()``).
+    """
+    check_supported(base_layer)
+    i_dim, o_dim = _matrix_dims(base_layer)
+    if adapter is None:
+      adapter = _init_matrix_adapters(rngs.params(), {"layer": kernel_matrix(base_layer)}, config)["layer"]
+    r = config.r
+    want = {"lora_a": (i_dim, r), "lora_b": (r, o_dim)}
+    if config.use_dora:
+      want["magnitude"] = (o_dim,)
+    got = {k: tuple(v.shape) for k, v in adapter.items()}
+    if got != want:
+      raise ValueError(
+          f"Adapter shapes {got} do not fit the {type(base_layer).__name__} kernel"
+          f" {tuple(base_layer.kernel.shape)} (I x O = {i_dim} x {o_dim}) with"
+          f" r={r}, use_dora={config.use_dora}: expected {want}.")
+    self.base_layer = base_layer
+    self.config = config
+    self.lora_a = Adapter(jnp.asarray(adapter["lora_a"]))
+    self.lora_b = Adapter(jnp.asarray(adapter["lora_b"]))
+    self.magnitude = Adapter(jnp.asarray(adapter["magnitude"])) if config.use_dora else nnx.data(None)
+    if config.lora_dropout > 0.0:
+      self.lora_dropout = nnx.Dropout(config.lora_dropout, deterministic=deterministic, rngs=rngs)
+    else:
+      self.lora_dropout = nnx.data(None)
+
+  def __call__(self, x: Array, *args, **kwargs) -> Array:
+    """The adapted output; ``args``/``kwargs`` go to the base module (``einsum_str``, ``out_sharding``)."""
+    base = self.base_layer
+    y0 = base(x, *args, **kwargs)
+    proj = _projection(base, x, args, kwargs)
+    a, b = self.lora_a[...], self.lora_b[...]
+    drop = self.lora_dropout
+    dropped = drop is not None and not drop.deterministic
+    x_in = drop(x) if dropped else x
+    return factored_output(
+        proj, y0, x_in, kernel_matrix(base), a, b, self.config.scale,
+        None if self.magnitude is None else self.magnitude[...],
+        None if base.bias is None else base.bias[...], dropped)
+
+  def merged_kernel(self) -> Array:
+    """``W'`` in the base kernel's shape and dtype (:func:`dora_jax.core.merge_kernel`)."""
+    m = None if self.magnitude is None else self.magnitude[...]
+    w = core.merge_kernel(kernel_matrix(self.base_layer), self.lora_a[...], self.lora_b[...],
+                          self.config.scale, m)
+    return kernel_from_matrix(self.base_layer, w)
+
+
+# ---------------------------------------------------------------------------
+# Walking and editing the module graph
+
+
+def _path_str(path: Sequence[Any]) -> str:
+  return "/".join(str(k) for k in path)
+
+
+def _child(node: Any, key: Any) -> Any:
+  if isinstance(node, (collections.abc.Mapping, collections.abc.Sequence)):
+    return node[key]
+  return getattr(node, key)
+
+
+def _set_child(node: Any, key: Any, value: Any) -> None:
+  if isinstance(node, (collections.abc.MutableMapping, collections.abc.MutableSequence)):
+    node[key] = value
+  elif isinstance(node, (collections.abc.Mapping, collections.abc.Sequence)):
+    raise ValueError(f"Cannot replace entry {key!r} of an immutable {type(node).__name__}.")
+  else:
+    setattr(node, key, value)
+
+
+def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> nnx.Module:
+  """Puts ``new`` at ``path`` in place; returns the (possibly new) root."""
+  if not path:
+    return new
+  node = model
+  for k in path[:-1]:
+    node = _child(node, k)
+  _set_child(node, path[-1], new)
+  return model
+
+
+def _has_weight(module: Any) -> bool:
+  return any(isinstance(getattr(module, k, None), nnx.Variable) for k in tree_lib.WEIGHT_KEYS)
+
+
+def _candidates(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+  """Modules with a kernel or embedding, and wrappers; never what is inside a wrapper."""
+  mods = list(nnx.iter_modules(model))
+  wrapped = [p for p, m in mods if isinstance(m, AdaptedLinear)]
+  inside = lambda p: any(len(p) > len(w) and p[: len(w)] == w for w in wrapped)
+  return [(p, m) for p, m in mods
+          if (isinstance(m, AdaptedLinear) or _has_weight(m)) and not inside(p)]
+
+
+def select_modules(model: nnx.Module, config: LoraConfig) -> list[tuple[tuple, nnx.Module]]:
+  """``(path, module)`` of the modules ``config`` targets, as :func:`dora_jax.select_targets`.
+
+  Paths are the ``/``-joined attribute names and list indices (``layers/0/q_proj``).
+  ``"all-linear"`` takes every ``nnx.Linear``/``LinearGeneral``/``Einsum`` but an
+  ``lm_head``.
+
+  Raises:
+    ValueError: if nothing matches (listing the module paths that exist).
+  """
+  cands = _candidates(model)
+  if config.target_modules == "all-linear":
+    chosen = [(p, m) for p, m in cands if isinstance(m, SUPPORTED_TYPES)
+              and not (_path_str(p) == "lm_head" or _path_str(p).endswith("/lm_head"))]
+  else:
+    chosen = [(p, m) for p, m in cands if tree_lib._pattern_matches(_path_str(p), config.target_modules)]
+  chosen = [(p, m) for p, m in chosen if not tree_lib._pattern_matches(_path_str(p), config.exclude_modules)]
+  if not chosen:
+    shown = [f"{_path_str(p) or '<root>'} ({type(m).__name__})" for p, m in cands]
+    listing = "\n  ".join(shown[:60]) + ("\n  ..." if len(shown) > 60 else "")
+    raise ValueError(
+        f"target_modules={config.target_modules!r} (exclude_modules="
+        f"{config.exclude_modules!r}) matches no module. Modules with a kernel or"
+        f" embedding:\n  {listing}\nUse name suffixes such as 'q_proj' or a regex"
+        " matched in full against these paths.")
+  return chosen
+
+
+def apply_adapters(
+    model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs, *, deterministic: bool = False
+) -> nnx.Module:
+  """Wraps every module ``config`` targets in an :class:`AdaptedLinear`, in place.
+
+  Args:
+    model: an NNX model.
+    config: what to adapt and how.
+    rngs: ``rngs.params()`` draws one key ``k``; the adapters equal
+      ``dora_jax.init_adapters(k, param_dict(model), config, layouts=kernel_layouts(model))``.
+      The adapter dropouts fork ``rngs['dropout']``.
+    deterministic: initial dropout mode (``model.train()`` / ``model.eval()`` switch it).
+
+  Returns:
+    ``model`` (the wrapper itself if the root module is targeted).
+
+  Raises:
+    ValueError: nothing matches (the message lists the paths); a targeted module is
+      not an ``nnx.Linear``/``LinearGeneral``/``Einsum`` (the message names its type)
+      or is already adapted; ``r`` exceeds ``min(I, O)`` of a kernel.
+  """
+  chosen = select_modules(model, config)
+  for p, m in chosen:
+    check_supported(m, _path_str(p))
+  key = rngs.params()
+  adapters = _init_matrix_adapters(key, {_path_str(p): kernel_matrix(m) for p, m in chosen}, config)
+  for p, m in chosen:
+    wrapper = AdaptedLinear(m, config, rngs=rngs, adapter=adapters[_path_str(p)],
+                            deterministic=deterministic)
+    model = _replace(model, p, wrapper)
+  return model
+
+
+def wrappers(model: nnx.Module) -> list[tuple[tuple, AdaptedLinear]]:
+  """``(path, wrapper)`` of every :class:`AdaptedLinear` in ``model``."""
+  return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, AdaptedLinear)]
+
+
+def merge_adapters(model: nnx.Module) -> nnx.Module:
+  """Replaces each :class:`AdaptedLinear` by a copy of its base module holding ``W'``, in place.
+
+  The result has the structure (and state paths) of the model before
+  :func:`apply_adapters`: export it, or run it without dora_jax.
+
+  Returns:
+    ``model`` (a new object if the root itself was a wrapper).
+  """
+  for p, w in wrappers(model):
+    merged = nnx.clone(w.base_layer)
+    merged.kernel[...] = w.merged_kernel()
+    model = _replace(model, p, merged)
+  return model
+
+
+def adapter_state(model: nnx.Module) -> nnx.State:
+  """``nnx.state(model, Adapter)``: the adapters only, as an ``nnx.State``."""
+  return nnx.state(model, Adapter)
+
+
+def adapter_dict(model: nnx.Module) -> dict:
+  """The adapters as the nested ``{str: ...}`` dict of :func:`dora_jax.init_adapters`.
+
+  ``{path: {"lora_a", "lora_b"[, "magnitude"]}}`` at each wrapper's path, ready for
+  :func:`dora_jax.merge` on :func:`param_dict` or for checkpointing.
+  """
+  return _str_keys(nnx.to_pure_dict(adapter_state(model)))
+
+
+# ---------------------------------------------------------------------------
+# The functional route over nnx.split state
+
+
+def _str_keys(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def param_dict(model_or_state: nnx.Module | nnx.State) -> dict:
+  """The ``nnx.Param`` values as a nested dict with ``str`` keys (list indices too).
+
+  This is the params tree :func:`dora_jax.init_adapters`, :func:`dora_jax.merge`,
+  :func:`dora_jax.unmerge` and :func:`dora_jax.decompose` take. Given a model with
+  wrappers, each ``base_layer`` is lifted to its wrapper's path: the result has the
+  layout of the unwrapped model.
+  """
+  if isinstance(model_or_state, nnx.Module):
+    lifted = {_path_str(p) for p, _ in wrappers(model_or_state)}
+    flat = {}
+    for path, value in nnx.to_flat_state(nnx.state(model_or_state, nnx.Param)):
+      keys = [str(k) for k in path]
+      for i in range(len(keys) - 1, 0, -1):  # drop 'base_layer' right below a wrapper
+        if keys[i] == "base_layer" and "/".join(keys[:i]) in lifted:
+          del keys[i]
+      flat["/".join(keys)] = value.get_value()
+    return tree_lib.unflatten(flat)
+  return _str_keys(nnx.to_pure_dict(nnx.filter_state(model_or_state, nnx.Param)))
+
+
+def kernel_layouts(model: nnx.Module) -> dict[str, tree_lib.KernelLayout]:
+  """``{path: KernelLayout}`` of the model's ``nnx.LinearGeneral`` and ``nnx.Einsum`` kernels.
+
+  Pass to :func:`dora_jax.init_adapters` / :func:`dora_jax.decompose` with
+  :func:`param_dict`. A ``LinearGeneral``'s ``batch_axis`` are stacked axes.
+  Einsum kernels whose axes are not ``[inputs..., outputs...]`` have no reshape
+  layout and are left out (the module route handles them).
+  """
+  out = {}
+  for p, m in nnx.iter_modules(model):
+    if isinstance(m, AdaptedLinear):
+      m = m.base_layer
+    if isinstance(m, nnx.LinearGeneral):
+      out[_path_str(p)] = tree_lib.KernelLayout(len(m.batch_axis), len(m.in_features))
+    elif isinstance(m, nnx.Einsum):
+      try:
+        rhs, ins, outs = einsum_kernel_axes(m.einsum_str)
+      except ValueError:
+        continue
+      if rhs == ins + outs:
+        out[_path_str(p)] = tree_lib.KernelLayout(0, len(ins))
+    elif isinstance(m, nnx.Linear):
+      out[_path_str(p)] = tree_lib.KernelLayout(0, 1)
+  return out
+
+
+def merged_state(state: nnx.State, adapters: Mapping, config: LoraConfig) -> nnx.State:
+  """A copy of ``state`` with each adapted kernel replaced by ``W'`` (:func:`dora_jax.merge`).
+
+  Args:
+    state: from ``nnx.split(model)`` (or ``nnx.split(model, nnx.Param, ...)``) of the
+      unwrapped model; other variables pass through.
+    adapters: ``{path: {"lora_a", "lora_b"[, "magnitude"]}}`` with ``str`` paths,
+      e.g. from :func:`dora_jax.init_adapters` on :func:`param_dict` or :func:`adapter_dict`.
+    config: the adapter config.
+  """
+  merged = tree_lib.merge(param_dict(state), adapters, config)
+  updates = {}
+  for path in tree_lib.flatten_adapters(adapters):
+    module = tree_lib.get_path(merged, path)
+    key = tree_lib.weight_key(module)
+    updates[f"{path}/{key}" if path else key] = module[key]
+  out = jax.tree.map(lambda v: v, state)
+  nnx.replace_by_pure_dict(out, tree_lib.unflatten(updates))
+  return out
+
+
+def functional_apply(graphdef: nnx.GraphDef, state: nnx.State | Sequence[nnx.State],
+                     adapters: Mapping, config: LoraConfig, *args, **kwargs) -> Any:
+  """Calls the model rebuilt from ``graphdef`` and the merged state: the merged route.
+
+  ``state`` is one ``nnx.State`` or the tuple of states from ``nnx.split``; the
+  adapters are merged into the first. Pure (usable under ``jax.jit`` / ``jax.grad``
+  w.r.t. ``adapters``); changes the call makes to the module's state (rng counts,
+  batch statistics) are dropped.
+  """
+  states = tuple(state) if isinstance(state, (tuple, list)) else (state,)
+  module = nnx.merge(graphdef, merged_state(states[0], adapters, config), *states[1:])
+  return module(*args, **kwargs)
