@@ -47,3 +47,19 @@ __all__ = [
     "decompose_kernel", "decomposition_shift",
     "adapter_labels", "trainable_mask", "weight_decay_mask", "freeze_base", "make_train_step",
 ]
+
+from dora_jax.checkpoint import (
+    CheckpointMismatchError,
+    TrainCheckpointer,
+    export_peft,
+    import_peft,
+    load_adapters,
+    params_fingerprint,
+    peft_module_name,
+    save_adapters,
+)
+
+__all__ += [
+    "save_adapters", "load_adapters", "TrainCheckpointer", "CheckpointMismatchError",
+    "export_peft", "import_peft", "peft_module_name", "params_fingerprint",
+]
