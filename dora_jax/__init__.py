@@ -40,7 +40,7 @@ from dora_jax.tree import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "KernelLayout", "core",
+    "LoraConfig", "KernelLayout", "core", "nnx",
     "init_adapters", "wrap", "merge", "unmerge", "decompose", "kernel_layouts",
     "select_targets", "check_adapters", "combine", "split", "count_params",
     "column_norm", "factored_column_norm", "merge_kernel", "unmerge_kernel",

@@ -43,7 +43,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import re
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence

@@ -24,11 +24,11 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import opt_einsum
 
 from dora_jax import core
 from dora_jax import tree as tree_lib
 from dora_jax.config import ADAPTER_KEYS, LoraConfig
+from dora_jax.factored import Projection, einsum_kernel_axes, factored_output
 
 Array = jax.Array
 logger = logging.getLogger("dora_jax")
@@ -50,23 +50,23 @@ def _say_merged_once(kind: str, why: str) -> None:
 # Where the input and output axes of a module's kernel are
 
 
-def _einsum_parts(module: nn.Einsum, args, kwargs) -> tuple[str, str, str] | None:
-  """``(lhs, rhs, out)`` letters of an Einsum call, ellipses expanded."""
-  eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
-  x = args[0] if args else kwargs["inputs"]
-  kernel_shape = tuple(module.shape)
-  operands, out, _ = opt_einsum.parser.parse_einsum_input(
-      (eq.replace(" ", ""), jax.ShapeDtypeStruct(x.shape, x.dtype),
-       jax.ShapeDtypeStruct(kernel_shape, x.dtype)))
-  lhs, rhs = operands.split(",")
-  return lhs, rhs, out
+def _einsum_equation(module: nn.Einsum, args, kwargs) -> str:
+  return kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
 
 
-def _einsum_factorable(lhs: str, rhs: str, out: str) -> bool:
-  ins = [c for c in rhs if c not in out]
-  outs = [c for c in rhs if c in out]
-  return (all(c in lhs for c in ins) and not any(c in lhs for c in outs)
-          and list(rhs) == ins + outs and bool(ins) and bool(outs))
+def _einsum_inputs(module: nn.Einsum, args, kwargs) -> int | None:
+  """Input axes of a factorable Einsum kernel; None for a batched einsum."""
+  eq = _einsum_equation(module, args, kwargs)
+  try:
+    rhs, ins, outs = einsum_kernel_axes(eq)
+  except ValueError:
+    return None
+  if ins + outs != rhs:
+    raise ValueError(
+        f"Einsum '{eq}' at '{'/'.join(module.scope.path)}': its kernel axes are not ordered"
+        " inputs-then-outputs, which the adapters tree assumes ([*inputs, *outputs]"
+        " flattened to [I, O]). Reorder the kernel axes or exclude the module.")
+  return len(ins)
 
 
 def _module_inputs(module: nn.Module, kernel_ndim: int, args, kwargs) -> int | None:
@@ -79,10 +79,7 @@ def _module_inputs(module: nn.Module, kernel_ndim: int, args, kwargs) -> int | N
     axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
     return len(axis)
   if isinstance(module, nn.Einsum):
-    lhs, rhs, out = _einsum_parts(module, args, kwargs)
-    if not _einsum_factorable(lhs, rhs, out):
-      return None
-    return sum(c not in out for c in rhs)
+    return _einsum_inputs(module, args, kwargs)
   if isinstance(module, nn.Embed):
     return 1
   if isinstance(module, (nn.Conv, nn.ConvTranspose)):
@@ -144,79 +141,36 @@ def _adapter_of(module: nn.Module) -> dict[str, Array]:
           if module.has_variable("params", k)}
 
 
+def _projection(module, x: Array, kernel: Array, inputs: int, args, kwargs) -> Projection:
+  if isinstance(module, nn.Einsum):
+    return Projection.einsum(_einsum_equation(module, args, kwargs), x.shape, kernel.shape)
+  if isinstance(module, nn.DenseGeneral):
+    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+  else:
+    axis = (-1,)
+  return Projection.dense(x.ndim, axis, kernel.shape[:inputs], kernel.shape[inputs:])
+
+
 def _factored_call(module, next_fun, args, kwargs, config: LoraConfig, inputs: int,
                    dropout_on: bool) -> Array:
   ad = _adapter_of(module)
   a, b, m = ad["lora_a"], ad["lora_b"], ad.get("magnitude")
   kernel = tree_lib.unbox(module.get_variable("params", "kernel"))
   x = args[0] if args else kwargs["inputs"]
-  i_dim, r = a.shape
-  o_dim = b.shape[-1]
-  out_shape = kernel.shape[inputs:]
-  if math.prod(kernel.shape[:inputs]) != i_dim or math.prod(out_shape) != o_dim:
+  i_dim, o_dim = a.shape[0], b.shape[-1]
+  if math.prod(kernel.shape[:inputs]) != i_dim or math.prod(kernel.shape[inputs:]) != o_dim:
     raise ValueError(
         f"Adapter at '{'/'.join(module.scope.path)}' (lora_a {a.shape}, lora_b"
         f" {b.shape}) does not fit its {type(module).__name__} kernel {kernel.shape}"
         f" with {inputs} input axes. Build the adapters with"
         " layouts=dora_jax.kernel_layouts(model, *example_inputs).")
-  scale = config.scale
-
+  proj = _projection(module, x, kernel, inputs, args, kwargs)
   y0 = next_fun(*args, **kwargs)
-  dt = y0.dtype
-  xd = x
-  if dropout_on:
-    xd = _dropout(x, config.lora_dropout, module.make_rng("dropout"))
-
-  # Low-rank path: (x A) B in the module's output layout, float32 accumulation.
-  a_c, b_c = a.astype(dt), b.astype(dt)
-  if isinstance(module, nn.Einsum):
-    lhs, rhs, out = _einsum_parts(module, args, kwargs)
-    ins = "".join(c for c in rhs if c not in out)
-    outs = "".join(c for c in rhs if c in out)
-    free = "".join(c for c in lhs if c not in ins)
-    rl = next(c for c in "RSTUVWXYZrstuvwxyz" if c not in lhs + rhs + out)
-    h = jnp.einsum(f"{lhs},{ins}{rl}->{free}{rl}", xd.astype(dt),
-                   a_c.reshape(*kernel.shape[:inputs], r), preferred_element_type=jnp.float32)
-    low = jnp.einsum(f"{free}{rl},{rl}{outs}->{out}", h.astype(dt),
-                     b_c.reshape(r, *out_shape), preferred_element_type=jnp.float32)
-    bshape = [kernel.shape[rhs.index(c)] if c in outs else 1 for c in out]
-    perm = sorted(range(len(outs)), key=lambda i: out.index(outs[i]))
-    to_out = lambda v: jnp.transpose(v.reshape(out_shape), perm).reshape(bshape)
-    base_of = lambda xx: jnp.einsum(f"{lhs},{rhs}->{out}", xx.astype(dt), kernel.astype(dt),
-                                    preferred_element_type=jnp.float32)
-  else:
-    if isinstance(module, nn.DenseGeneral):
-      axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-      axis = tuple(ax % x.ndim for ax in axis)
-    else:
-      axis = (x.ndim - 1,)
-    xm = jnp.moveaxis(xd, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-    xm = xm.reshape(*xm.shape[: x.ndim - len(axis)], i_dim).astype(dt)
-    h = jax.lax.dot_general(xm, a_c, (((xm.ndim - 1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    low = jnp.dot(h.astype(dt), b_c, preferred_element_type=jnp.float32)
-    low = low.reshape(*low.shape[:-1], *out_shape)
-    bshape = [1] * (y0.ndim - len(out_shape)) + list(out_shape)
-    to_out = lambda v: v.reshape(bshape)
-    base_of = lambda xx: jnp.dot(xx, kernel.reshape(i_dim, o_dim).astype(dt),
-                                 preferred_element_type=jnp.float32).reshape(low.shape)
-  low = scale * low
-
-  if m is None:
-    return (y0.astype(jnp.float32) + low).astype(dt)
-
-  norm = core.factored_column_norm(kernel.reshape(i_dim, o_dim), a, b, scale)
-  g = to_out(core.dora_column_scale(m, norm))
+  x_in = _dropout(x, config.lora_dropout, module.make_rng("dropout")) if dropout_on else x
   bias = (tree_lib.unbox(module.get_variable("params", "bias"))
           if module.has_variable("params", "bias") else None)
-  bias_b = None if bias is None else to_out(bias.astype(jnp.float32))
-  if dropout_on:  # (x' W0) on the dropped input, bias-free
-    base = base_of(xm if not isinstance(module, nn.Einsum) else xd)
-  else:
-    base = y0.astype(jnp.float32)
-    if bias_b is not None:
-      base = base - bias_b
-  return (y0.astype(jnp.float32) + (g - 1.0) * base + g * low).astype(dt)
+  return factored_output(proj, y0, x_in, kernel.reshape(i_dim, o_dim), a, b, config.scale,
+                         magnitude=m, bias=bias, dropped=dropout_on)
 
 
 def _merged_call(module, context, args, kwargs, config: LoraConfig) -> Any:

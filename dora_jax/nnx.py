@@ -42,15 +42,14 @@ import collections.abc
 import dataclasses
 import math
 import re
-import string
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import opt_einsum
 from flax import nnx
 
 from dora_jax import core
+from dora_jax.factored import Projection, einsum_kernel_axes, factored_output
 from dora_jax import tree as tree_lib
 from dora_jax.config import LoraConfig
 
@@ -67,177 +66,6 @@ class Adapter(nnx.Variable):
   Deliberately not a subclass of ``nnx.Param``: the filter ``Adapter`` selects the
   adapters only and ``nnx.Param`` the (frozen) base only.
   """
-
-
-# ---------------------------------------------------------------------------
-# Pure math: how an input contracts with a kernel seen as a matrix [I, O]
-
-
-@dataclasses.dataclass(frozen=True)
-class Projection:
-  """A linear layer ``y = x ⋅ W`` written in einsum letters, the kernel viewed as ``[I, O]``.
-
-  Attributes:
-    lhs: letters of the input ``x`` (one per axis).
-    ins: letters of the kernel's input axes, in the order they flatten to ``I``.
-    outs: letters of the kernel's output axes, in the order they flatten to ``O``.
-    out: letters of the output ``y``; holds every letter of ``outs``.
-    in_shape: sizes of ``ins`` (product ``I``).
-    out_shape: sizes of ``outs`` (product ``O``).
-  """
-
-  lhs: str
-  ins: str
-  outs: str
-  out: str
-  in_shape: tuple[int, ...]
-  out_shape: tuple[int, ...]
-
-  @classmethod
-  def dense(cls, x_ndim: int, axis: Sequence[int], in_shape: Sequence[int],
-            out_shape: Sequence[int]) -> "Projection":
-    """``nnx.Linear`` / ``nnx.LinearGeneral``: contract ``x``'s ``axis`` (in kernel order)
-    with a kernel ``[*in_shape, *out_shape]``; ``y`` is ``[*other axes of x, *out_shape]``."""
-    axis = tuple(ax % x_ndim for ax in axis)
-    lhs = string.ascii_letters[:x_ndim]
-    outs = string.ascii_letters[x_ndim : x_ndim + len(out_shape)]
-    ins = "".join(lhs[ax] for ax in axis)
-    free = "".join(c for i, c in enumerate(lhs) if i not in axis)
-    return cls(lhs, ins, outs, free + outs, tuple(in_shape), tuple(out_shape))
-
-  @classmethod
-  def einsum(cls, equation: str, x_shape: Sequence[int], kernel_shape: Sequence[int]) -> "Projection":
-    """``nnx.Einsum``: ``equation`` is ``"lhs,rhs->out"`` with the kernel as ``rhs``.
-
-    Raises:
-      ValueError: if the kernel axes do not split into input axes (contracted with
-        ``x``) and output axes (kept in ``y``, absent from ``x``).
-    """
-    rhs, ins, outs = einsum_kernel_axes(equation)
-    operands, out, _ = opt_einsum.parser.parse_einsum_input(
-        (equation.replace(" ", ""), jax.ShapeDtypeStruct(tuple(x_shape), _F32),
-         jax.ShapeDtypeStruct(tuple(kernel_shape), _F32)))
-    lhs = operands.split(",")[0]
-    missing = [c for c in ins if c not in lhs]
-    if missing:
-      raise ValueError(f"Einsum '{equation}': kernel axes {missing} are not contracted with the input.")
-    size = dict(zip(rhs, kernel_shape))
-    return cls(lhs, ins, outs, out, tuple(size[c] for c in ins), tuple(size[c] for c in outs))
-
-  @property
-  def i_dim(self) -> int:
-    return math.prod(self.in_shape)
-
-  @property
-  def o_dim(self) -> int:
-    return math.prod(self.out_shape)
-
-  @property
-  def free(self) -> str:
-    """Letters of ``x`` that are not contracted with the kernel."""
-    return "".join(c for c in self.lhs if c not in self.ins)
-
-  def _rank_letter(self) -> str:
-    used = self.lhs + self.ins + self.outs + self.out
-    return next(c for c in string.ascii_letters if c not in used)
-
-  def _out_broadcast_shape(self) -> list[int]:
-    return [self.out_shape[self.outs.index(c)] if c in self.outs else 1 for c in self.out]
-
-  def low_rank(self, x: Array, a: Array, b: Array, dtype) -> Array:
-    """``(x A) B`` in ``y``'s layout, float32; ``a: [I, r]``, ``b: [r, O]``.
-
-    Operands are cast to ``dtype``; ``x A`` is rounded to ``dtype`` before ``B``.
-    """
-    r, rl = a.shape[-1], self._rank_letter()
-    h = jnp.einsum(f"{self.lhs},{self.ins}{rl}->{self.free}{rl}", x.astype(dtype),
-                   a.astype(dtype).reshape(*self.in_shape, r), preferred_element_type=_F32)
-    return jnp.einsum(f"{self.free}{rl},{rl}{self.outs}->{self.out}", h.astype(dtype),
-                      b.astype(dtype).reshape(r, *self.out_shape), preferred_element_type=_F32)
-
-  def base(self, x: Array, w_mat: Array, dtype) -> Array:
-    """``x W0`` (no bias) in ``y``'s layout, float32; ``w_mat: [I, O]``."""
-    return jnp.einsum(f"{self.lhs},{self.ins}{self.outs}->{self.out}", x.astype(dtype),
-                      w_mat.astype(dtype).reshape(*self.in_shape, *self.out_shape),
-                      preferred_element_type=_F32)
-
-  def per_output(self, v: Array) -> Array:
-    """A per-output-feature vector ``[O]`` (``outs`` order) broadcastable against ``y``."""
-    t = v.reshape(self.out_shape)
-    order = sorted(range(len(self.outs)), key=lambda i: self.out.index(self.outs[i]))
-    return jnp.transpose(t, order).reshape(self._out_broadcast_shape())
-
-  def output_bias(self, bias: Array) -> Array:
-    """A module's bias (its output axes in ``y``'s order, as Flax stores it) broadcastable against ``y``."""
-    return bias.reshape(self._out_broadcast_shape())
-
-
-def factored_output(
-    proj: Projection,
-    y0: Array,
-    x_in: Array,
-    w_mat: Array,
-    a: Array,
-    b: Array,
-    scale: float,
-    magnitude: Array | None = None,
-    bias: Array | None = None,
-    dropped: bool = False,
-) -> Array:
-  """The adapted output from the base output, without forming ``W'`` (PEFT semantics).
-
-  Args:
-    proj: how the layer contracts its input with the kernel matrix.
-    y0: the base module's output ``x W0 + b`` (its dtype is the compute dtype).
-    x_in: the adapter's input: ``drop(x)`` when ``dropped``, else ``x``.
-    w_mat: the base kernel as ``[I, O]``.
-    a: ``[I, r]``. b: ``[r, O]``. scale: ``s``.
-    magnitude: DoRA's ``m [O]``; ``None`` for LoRA.
-    bias: the module's bias (needed for DoRA without dropout: ``x W0 = y0 − b``).
-    dropped: whether ``x_in`` is a dropped-out input; then DoRA computes
-      ``drop(x) W0`` with one more matmul, as PEFT does.
-
-  Returns:
-    LoRA ``y0 + s·(x_in A) B``; DoRA ``y0 + (g − 1)·(x_in W0) + g·s·(x_in A) B`` with
-    ``g = m / sg(||W0 + sAB||_c)``, in ``y0``'s dtype.
-  """
-  dt = y0.dtype
-  low = scale * proj.low_rank(x_in, a, b, dt)
-  if magnitude is None:
-    return (y0.astype(_F32) + low).astype(dt)
-  norm = core.factored_column_norm(w_mat, a, b, scale)
-  g = proj.per_output(core.dora_column_scale(magnitude, norm))
-  if dropped:
-    base = proj.base(x_in, w_mat, dt)
-  else:
-    base = y0.astype(_F32)
-    if bias is not None:
-      base = base - proj.output_bias(bias).astype(_F32)
-  return (y0.astype(_F32) + (g - 1.0) * base + g * low).astype(dt)
-
-
-def einsum_kernel_axes(equation: str) -> tuple[str, str, str]:
-  """``(rhs, ins, outs)`` letters of an Einsum's kernel; ``ins``/``outs`` in kernel order.
-
-  Raises:
-    ValueError: if the kernel has an ellipsis or an axis that is both kept in the
-      output and present in the input (a batched einsum: one matrix per index).
-  """
-  eq = equation.replace(" ", "")
-  operands, out = eq.split("->")
-  lhs, rhs = operands.split(",")
-  if "." in rhs:
-    raise ValueError(f"Einsum '{equation}': an ellipsis in the kernel operand is not supported.")
-  ins = "".join(c for c in rhs if c not in out)
-  outs = "".join(c for c in rhs if c in out)
-  batched = [c for c in outs if c in lhs]
-  if batched or not ins or not outs:
-    raise ValueError(
-        f"Einsum '{equation}' cannot be adapted as one [I, O] matrix: kernel axes"
-        f" {list(rhs)} must split into input axes (contracted with the input) and"
-        f" output axes (kept in the output, absent from the input)"
-        + (f"; {batched} are batch axes." if batched else "."))
-  return rhs, ins, outs
 
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import warnings
 import zlib
 from typing import Any, Callable, Iterator, Mapping
 

@@ -57,6 +57,9 @@ def make_mlp(use_dora=True, r=2, init=False, dropout=0.0, rslora=False, seed=0):
   cfg = dora_jax.LoraConfig(r=r, lora_alpha=3.0, target_modules=["up", "down"], use_dora=use_dora,
                             init_lora_weights=init, lora_dropout=dropout, use_rslora=rslora)
   ad = dora_jax.init_adapters(jax.random.key(seed + 1), params, cfg)
+  if use_dora and init is False:  # g = m/n != 1, so the (g - 1) and bias terms are exercised
+    ad = {k: {**v, "magnitude": v["magnitude"] * jnp.linspace(0.7, 1.3, v["magnitude"].shape[-1])}
+          for k, v in ad.items()}
   return model, x, params, cfg, ad
 
 
@@ -315,8 +318,8 @@ class Attn(nn.Module):
   def __call__(self, x):
     q = nn.DenseGeneral((2, 3), name="q")(x)  # [B, T, 2, 3]
     e = nn.Einsum((2, 3, 4), "btnh,nhd->btd", name="o")(q)
-    k = nn.Einsum((4, 2, 3), "btd,dnh->btnh", name="k", use_bias=True)(e)
-    return nn.DenseGeneral(4, axis=(-2, -1), name="out")(k)
+    k = nn.Einsum((4, 2, 3), "btd,dnh->bhtn", name="k", use_bias=True)(e)  # outputs reordered
+    return nn.DenseGeneral(4, axis=(1, -1), name="out")(k)
 
 
 @pytest.mark.parametrize("use_dora", [True, False])
@@ -329,8 +332,12 @@ def test_densegeneral_and_einsum_match_merged(use_dora):
   layouts = dora_jax.kernel_layouts(model, x)
   assert layouts["q"] == dora_jax.KernelLayout(0, 1) and layouts["o"] == dora_jax.KernelLayout(0, 2)
   assert layouts["out"] == dora_jax.KernelLayout(0, 2)
+  assert params["k"]["bias"].shape == (3, 2)  # Flax stores an Einsum bias in output order
   ad = dora_jax.init_adapters(jax.random.key(1), params, cfg, layouts=layouts)
   assert ad["o"]["lora_a"].shape == (6, 2) and ad["k"]["lora_b"].shape == (2, 6)
+  if use_dora:
+    ad = {k: {**v, "magnitude": v["magnitude"] * jnp.linspace(0.7, 1.3, v["magnitude"].shape[-1])}
+          for k, v in ad.items()}
   got = dora_jax.wrap(model.apply, cfg)(params, ad, x)
   merged = dora_jax.merge(params, ad, cfg)
   np.testing.assert_allclose(got, model.apply({"params": merged}, x), rtol=1e-5, atol=1e-5)
