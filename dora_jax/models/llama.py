@@ -369,17 +369,21 @@ class Llama(nn.Module):
 
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                positions: Array | None = None, segment_ids: Array | None = None,
-               return_hidden: bool = False) -> Array:
+               return_hidden: bool = False, logits_at: Array | None = None) -> Array:
     """Args: ``input_ids [B, T]`` int; ``attention_mask [B, T]`` 1 = token, 0 = pad;
     ``positions [B, T]`` (default ``arange``; packed rows restart per segment);
-    ``segment_ids [B, T]`` (packed rows: attention stays within a segment).
+    ``segment_ids [B, T]`` (packed rows: attention stays within a segment);
+    ``logits_at [B, K]`` int: compute logits only at these positions (saves the
+    ``[B, T, V]`` LM-head product when only a few positions carry loss).
 
-    Returns logits ``[B, T, V]`` float32, or the final hidden states ``[B, T, D]``
-    with ``return_hidden``.
+    Returns logits ``[B, T, V]`` (or ``[B, K, V]``) float32, or the final hidden
+    states ``[B, T, D]`` with ``return_hidden``.
     """
     h = self.model(input_ids, attention_mask, positions, segment_ids)
     if return_hidden:
       return h
+    if logits_at is not None:
+      h = jnp.take_along_axis(h, logits_at[..., None].astype(jnp.int32), axis=1)
     return self.logits(h)
 
   def logits(self, hidden: Array) -> Array:

@@ -1,0 +1,385 @@
+"""The fine-tuning run: load, evaluate, train, checkpoint, evaluate, export.
+
+Built on dora_jax's public API: ``LoraConfig``, ``init_adapters``, ``wrap``,
+``merge``, ``kernel_layouts``, ``TrainCheckpointer``, ``export_peft`` and the
+models in ``dora_jax.models``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dora_jax
+from dora_jax.models.llama import Llama
+from train import data as data_lib
+from train import steps as steps_lib
+from train.config import TrainConfig
+from train.modeling import load_base_model
+
+logger = logging.getLogger("train")
+
+_REGEX_CHARS = set("*|()[]^$\\+?{}")
+
+
+# ---------------------------------------------------------------------------
+# Setup pieces
+
+
+def lora_config(cfg: TrainConfig) -> dora_jax.LoraConfig | None:
+  """The adapter config of a run (None for full fine-tuning)."""
+  if cfg.method == "full":
+    return None
+  targets: Any = list(cfg.targets)
+  if len(targets) == 1 and (targets[0] == "all-linear" or _REGEX_CHARS & set(targets[0])):
+    targets = targets[0]
+  return dora_jax.LoraConfig(
+      r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.dropout,
+      use_dora=cfg.method == "dora", use_rslora=cfg.rslora)
+
+
+def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+  """The settings a resumed run must share with the one it continues."""
+  keys = ("model", "dtype", "method", "targets", "rank", "alpha", "dropout", "rslora", "task",
+          "seq_len", "packing", "train_size", "eval_size", "steps", "batch_size", "grad_accum",
+          "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "seed",
+          "chat_template", "scan_layers")
+  d = cfg.to_dict()
+  return {k: d[k] for k in keys}
+
+
+def with_loss_positions(arrays: dict[str, np.ndarray], k: int | None) -> dict[str, np.ndarray]:
+  """Adds ``logits_at [N, K]`` so the LM head runs only where the loss is."""
+  if k is None:
+    return arrays
+  return {**arrays, "logits_at": steps_lib.loss_positions(arrays["loss_mask"], k)}
+
+
+class MetricsWriter:
+  """``metrics.jsonl`` (one line per logged step) and optional TensorBoard."""
+
+  def __init__(self, out_dir: Path, tensorboard: bool, append: bool):
+    self.path = out_dir / "metrics.jsonl"
+    self.fh = open(self.path, "a" if append else "w") if jax.process_index() == 0 else None
+    self.tb = None
+    if tensorboard and jax.process_index() == 0:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError as e:
+        raise RuntimeError("--tensorboard needs tensorboardX: pip install tensorboardX") from e
+      self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if self.fh is None:
+      return
+    self.fh.write(json.dumps(record) + "\n")
+    self.fh.flush()
+    if self.tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self.tb.add_scalar(k, v, record["step"])
+
+  def close(self) -> None:
+    if self.fh is not None:
+      self.fh.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg: TrainConfig) -> dict[str, float]:
+  """Accuracy (label tasks: the label continuation with the highest likelihood) or
+  perplexity (text and generation tasks) on the held-out set."""
+  bs = cfg.eval_batch_size
+  if task.kind == "label":
+    arrays, label_ids, gold = eval_set
+    n = arrays["input_ids"].shape[0]
+    scores = []
+    for i in range(0, n, bs):
+      batch = steps_lib.pad_rows({k: v[i:i + bs] for k, v in arrays.items()}, bs)
+      scores.append(np.asarray(score_step(frozen, trainable, batch))[: min(bs, n - i)])
+    scores = np.concatenate(scores)
+    if label_ids is None:  # one row per (example, label): summed log-likelihood of the label
+      scores = scores.reshape(-1, len(task.labels))
+    pred = scores.argmax(-1)
+    return {"accuracy": float(np.mean(pred == gold)), "eval_examples": int(len(gold))}
+  n = eval_set["input_ids"].shape[0]
+  total, count = 0.0, 0.0
+  for i in range(0, n, bs):
+    batch = steps_lib.pad_rows({k: v[i:i + bs] for k, v in eval_set.items()}, bs)
+    nll, cnt = eval_step(frozen, trainable, batch)
+    total += float(np.sum(nll))
+    count += float(np.sum(cnt))
+  loss = total / max(count, 1.0)
+  return {"eval_loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "eval_tokens": int(count)}
+
+
+def make_score_step(forward, label_ids: np.ndarray | None):
+  """Label scores per row: fast path (each label one token: logits of those tokens at the
+  last prompt position) or the summed log-likelihood of the label tokens."""
+  if label_ids is not None:
+    ids = jnp.asarray(label_ids)
+
+    def fast(frozen, trainable, batch):
+      logits = forward(frozen, trainable, batch, None, False)[:, 0]  # [B, V] at logits_at
+      return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, ids]
+
+    return jax.jit(fast)
+
+  eval_step = steps_lib.make_eval_step(forward)
+  return jax.jit(lambda f, t, b: -eval_step(f, t, b)[0])
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled or jax.process_index() != 0,
+              dynamic_ncols=True, unit="step", file=sys.stderr)
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+  """Runs a fine-tune; returns (and writes to ``output_dir/metrics.json``) the summary."""
+  t_start = time.time()
+  out = Path(cfg.output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  say = (lambda *a: print(*a, flush=True)) if jax.process_index() == 0 else (lambda *a: None)
+
+  # --- model, data
+  base = load_base_model(cfg)
+  model = Llama(base.config, dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers, remat=cfg.remat)
+  params = base.params
+  tokenizer = base.tokenizer
+  say(f"model {cfg.model}: {base.config.num_params() / 1e6:.1f}M params ({time.time() - t_start:.1f}s to load)")
+
+  task = data_lib.load_task(cfg.task, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
+                            text_field=cfg.text_field, label_field=cfg.label_field)
+  train_ex, eval_ex = data_lib.split_examples(task.examples, cfg.eval_size, cfg.seed)
+  if cfg.train_size:
+    train_ex = train_ex[: cfg.train_size]
+  train_arrays = data_lib.build_dataset(task, train_ex, tokenizer, cfg.seq_len, packing=cfg.packing,
+                                        chat_template=cfg.chat_template)
+  loss_k = None
+  if task.kind != "text" and not cfg.packing:
+    loss_k = int(train_arrays["loss_mask"].sum(1).max())
+  train_arrays = with_loss_positions(train_arrays, loss_k)
+  n_rows = train_arrays["input_ids"].shape[0]
+  say(f"task {cfg.task}: {len(train_ex)} train / {len(eval_ex)} eval examples, {n_rows} rows of "
+      f"{cfg.seq_len} tokens" + (f", loss on ≤{loss_k} positions per row" if loss_k else ""))
+
+  if task.kind == "label":
+    label_ids = data_lib.label_token_ids(tokenizer, task.labels, chat_template=cfg.chat_template)
+    if label_ids is not None:
+      rows = data_lib.prompt_rows(task, eval_ex, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
+      rows = {**rows, "logits_at": (rows["attention_mask"].sum(1, keepdims=True) - 1).astype(np.int32)}
+    else:
+      rows = data_lib.label_choice_rows(task, eval_ex, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
+    gold = np.array([ex.label_id for ex in eval_ex])
+    eval_set = (rows, label_ids, gold)
+    majority = data_lib.majority_class_rate(gold)
+  else:
+    eval_set = data_lib.build_dataset(task, eval_ex, tokenizer, cfg.seq_len, packing=False,
+                                      chat_template=cfg.chat_template)
+    majority = None
+
+  # --- adapters, optimizer
+  lcfg = lora_config(cfg)
+  key = jax.random.key(cfg.seed)
+  init_key, rng = jax.random.split(key)
+  if lcfg is None:
+    frozen, trainable = {}, params
+  else:
+    example = jnp.zeros((1, 8), jnp.int32)
+    layouts = dora_jax.kernel_layouts(model, example)
+    adapters = dora_jax.init_adapters(init_key, params, lcfg, layouts=layouts)
+    frozen, trainable = params, adapters
+  n_train = dora_jax.count_params(trainable)
+  n_base = dora_jax.count_params(params)
+  say(f"method {cfg.method}: {n_train:,} trainable parameters ({100 * n_train / n_base:.3f}% of {n_base:,})")
+
+  tx, schedule = steps_lib.make_optimizer(
+      learning_rate=cfg.learning_rate, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+      min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+      method=cfg.method)
+  opt_state = tx.init(trainable)
+  forward = steps_lib.make_forward(model, cfg.method, lcfg)
+  train_step = steps_lib.make_train_step(forward, tx, cfg.grad_accum)
+  eval_step = steps_lib.make_eval_step(forward)
+  score_step = make_score_step(forward, eval_set[1]) if task.kind == "label" else None
+  iterator = data_lib.BatchIterator(train_arrays, cfg.batch_size, seed=cfg.seed,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+
+  # --- checkpoints / resume
+  ckpt = dora_jax.TrainCheckpointer(out / "checkpoints", run_fingerprint(cfg), keep=cfg.keep_checkpoints,
+                                    save_every=cfg.save_every or cfg.steps, overwrite=cfg.overwrite)
+  start_step = 0
+  previous: dict[str, Any] = {}
+  if cfg.resume and ckpt.latest_step() is not None:
+    restored = ckpt.restore(target={"trainable": trainable, "opt_state": opt_state, "rng": rng})
+    start_step = restored.pop("step")
+    iterator.restore(restored.pop("data_state"))
+    trainable, opt_state, rng = restored["trainable"], restored["opt_state"], restored["rng"]
+    if (out / "metrics.json").exists():
+      previous = json.loads((out / "metrics.json").read_text())
+    say(f"resumed from step {start_step} in {out / 'checkpoints'}")
+  elif ckpt.latest_step() is not None and not cfg.overwrite:
+    raise SystemExit(
+        f"{out / 'checkpoints'} already holds checkpoints (step {ckpt.latest_step()}): pass --resume"
+        " to continue that run, --overwrite to start afresh there, or another --output-dir.")
+
+  # --- evaluate before
+  if "before" in previous:
+    before = previous["before"]
+  else:
+    t0 = time.time()
+    before = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg)
+    before["seconds"] = round(time.time() - t0, 1)
+  say("before training: " + _fmt(before) + (f" (majority class {majority:.1%})" if majority else ""))
+
+  # --- train
+  writer = MetricsWriter(out, cfg.tensorboard, append=start_step > 0)
+  bar = _progress(cfg.steps, start_step, cfg.progress)
+  history: list[dict[str, Any]] = []
+  intervals: list[dict[str, Any]] = list(previous.get("evals", []))
+  tokens_seen, t_loop, step = 0, time.time(), start_step
+  stop_at = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
+  try:
+    for step in range(start_step + 1, stop_at + 1):
+      batch = iterator.next_batch()
+      step_rng = jax.random.fold_in(rng, step)
+      t0 = time.time()
+      trainable, opt_state, m = train_step(frozen, trainable, opt_state, batch, step_rng)
+      loss = float(m["loss"])
+      dt = time.time() - t0
+      if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss became {loss} at step {step}; the last checkpoint is kept. Lower --learning-rate"
+            " or enable --grad-clip.")
+      tokens = int(batch["attention_mask"].sum())
+      tokens_seen += tokens
+      rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+             "lr": float(schedule(step - 1)), "tokens": tokens, "loss_tokens": int(m["tokens"]),
+             "step_seconds": round(dt, 4), "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
+      history.append(rec)
+      if step % cfg.log_every == 0:
+        writer.write(rec)
+      bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / max(time.time() - t_loop, 1e-9):,.0f}")
+      bar.update(1)
+      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        ev = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg)
+        intervals.append({"step": step, **ev})
+        writer.write({"step": step, **{f"eval_{k}" if not k.startswith("eval") else k: v for k, v in ev.items()}})
+        bar.write(f"step {step}: " + _fmt(ev))
+      ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng,
+                       "data_state": iterator.state()}, force=step == cfg.steps)
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  train_seconds = time.time() - t_loop
+
+  if step < cfg.steps:
+    partial = {"stopped_at": step, "before": before, "evals": intervals,
+               "first_loss": previous.get("first_loss", history[0]["loss"] if history else None)}
+    if jax.process_index() == 0:
+      (out / "metrics.json").write_text(json.dumps(partial, indent=2, default=str))
+    say(f"stopped after step {step} (--stop-after); continue with --resume")
+    return partial
+
+  # --- evaluate after, export
+  t0 = time.time()
+  after = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg)
+  after["seconds"] = round(time.time() - t0, 1)
+  say("after training:  " + _fmt(after))
+  exported = export(cfg, out, base, params, trainable, lcfg)
+
+  losses = [r["loss"] for r in history]
+  summary = {
+      "config": cfg.to_dict(), "model": {"params": n_base, **base.config.to_hf_dict()},
+      "trainable_params": n_train, "before": before, "after": after, "evals": intervals,
+      "majority_class_rate": majority,
+      "first_loss": previous.get("first_loss", losses[0] if losses else None),
+      "final_loss": float(np.mean(losses[-10:])) if losses else None,
+      "train_seconds_this_process": round(train_seconds, 1),
+      "median_step_seconds": float(np.median([r["step_seconds"] for r in history[1:]] or [0.0])),
+      "wall_seconds": round(time.time() - t_start, 1), "resumed_from": start_step or None,
+      "exported": exported, "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+  }
+  if jax.process_index() == 0:
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    plot_run(out, task.kind)
+  return summary
+
+
+def export(cfg, out: Path, base, params, trainable, lcfg) -> dict[str, str]:
+  """Exports the merged model (HF-style safetensors dir) and/or the PEFT adapter."""
+  from dora_jax.models import hf
+
+  done = {}
+  if cfg.export in ("merged", "both"):
+    merged = trainable if lcfg is None else dora_jax.merge(params, trainable, lcfg)
+    path = out / "merged"
+    hf.save_pretrained(path, base.config, jax.device_get(merged), tokenizer=base.tokenizer)
+    done["merged"] = str(path)
+  if cfg.export in ("peft", "both") and lcfg is not None:
+    path = out / "peft_adapter"
+    dora_jax.export_peft(path, jax.device_get(trainable), lcfg, params=params,
+                         base_model_name_or_path=cfg.model)
+    done["peft"] = str(path)
+  return done
+
+
+def plot_run(out: Path, kind: str) -> None:
+  """``loss.png``: the training loss per step, and the before/after evaluation."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+  steps_ = [r["step"] for r in recs if "loss" in r]
+  losses = [r["loss"] for r in recs if "loss" in r]
+  summary = json.loads((out / "metrics.json").read_text())
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  axes[0].plot(steps_, losses, lw=1, alpha=0.5, label="loss")
+  if len(losses) >= 10:
+    w = max(len(losses) // 20, 5)
+    axes[0].plot(steps_[w - 1:], np.convolve(losses, np.ones(w) / w, mode="valid"), lw=2, label=f"mean of {w}")
+  axes[0].set_xlabel("step")
+  axes[0].set_ylabel("train loss (nats / response token)")
+  axes[0].legend()
+  metric = "accuracy" if kind == "label" else "perplexity"
+  pts = [(0, summary["before"][metric])] + [(e["step"], e[metric]) for e in summary["evals"]]
+  pts.append((summary["config"]["steps"], summary["after"][metric]))
+  axes[1].plot(*zip(*pts), marker="o")
+  if kind == "label" and summary.get("majority_class_rate"):
+    axes[1].axhline(summary["majority_class_rate"], ls="--", c="gray", label="majority class")
+    axes[1].legend()
+  axes[1].set_xlabel("step")
+  axes[1].set_ylabel(f"held-out {metric}")
+  fig.suptitle(f"{summary['config']['method']} on {summary['config']['task']} ({summary['config']['model']})")
+  fig.tight_layout()
+  fig.savefig(out / "loss.png", dpi=110)
+  plt.close(fig)
+
+
+def _fmt(ev: Mapping[str, Any]) -> str:
+  if "accuracy" in ev:
+    return f"accuracy {ev['accuracy']:.1%} on {ev['eval_examples']} held-out examples"
+  return f"perplexity {ev['perplexity']:.2f} (loss {ev['eval_loss']:.3f}) on {ev['eval_tokens']} tokens"

@@ -1,0 +1,160 @@
+"""The pure pieces of training: loss, optimizer, the jitted train and eval steps.
+
+Methods share one shape: a *frozen* tree (the base params, or nothing for full
+fine-tuning) and a *trainable* tree (the adapters, or the params). The step
+differentiates the trainable tree only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dora_jax
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+MODEL_INPUTS = ("attention_mask", "positions", "segment_ids", "logits_at")
+
+
+def token_nll(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:
+  """Masked next-token negative log-likelihood.
+
+  Args:
+    logits: ``[B, T, V]`` (any float dtype; computed in float32).
+    targets: ``[B, T]`` int, the token each position predicts.
+    mask: ``[B, T]``, 1 where the position counts.
+
+  Returns:
+    ``(sum of nll over masked positions, number of masked positions)``.
+  """
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  mask = mask.astype(jnp.float32)
+  # where, not a product: padded rows may hold non-finite logits.
+  return jnp.sum(jnp.where(mask > 0, logz - picked, 0.0)), jnp.sum(mask)
+
+
+def loss_positions(loss_mask: np.ndarray, k: int) -> np.ndarray:
+  """``[B, K]`` positions holding each row's loss tokens first (then unmasked filler).
+
+  With ``logits_at`` the model computes the LM head at these ``K`` positions only.
+  """
+  order = np.argsort(-(loss_mask > 0).astype(np.int8), axis=1, kind="stable")
+  return order[:, :k].astype(np.int32)
+
+
+def at_loss_positions(batch: Batch) -> tuple[Array, Array]:
+  """``(targets, loss_mask)`` gathered at ``batch["logits_at"]`` when present."""
+  if "logits_at" not in batch:
+    return batch["targets"], batch["loss_mask"]
+  idx = batch["logits_at"].astype(jnp.int32)
+  return (jnp.take_along_axis(batch["targets"], idx, axis=1),
+          jnp.take_along_axis(batch["loss_mask"], idx, axis=1))
+
+
+def make_forward(model, method: str, lora_config: dora_jax.LoraConfig | None) -> Callable:
+  """``forward(frozen, trainable, batch, rng, train) -> logits [B, T, V]``."""
+  wrapped = dora_jax.wrap(model.apply, lora_config) if method != "full" else None
+  use_dropout = lora_config is not None and lora_config.lora_dropout > 0
+
+  def forward(frozen, trainable, batch, rng, train: bool):
+    kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    rngs = {"dropout": rng} if (train and use_dropout) else None
+    if wrapped is None:
+      return model.apply({"params": trainable}, batch["input_ids"], **kwargs)
+    return wrapped(frozen, trainable, batch["input_ids"], rngs=rngs, **kwargs)
+
+  return forward
+
+
+def make_optimizer(
+    *, learning_rate: float, steps: int, warmup_steps: int, min_lr_ratio: float,
+    weight_decay: float, grad_clip: float, method: str,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup + cosine decay, global-norm clipping.
+
+  Weight decay applies to ``lora_a``/``lora_b`` (adapters) or to matrices
+  (full fine-tuning); never to DoRA magnitudes, norms or biases.
+  """
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=learning_rate, warmup_steps=min(warmup_steps, max(steps - 1, 0)),
+      decay_steps=max(steps, 1), end_value=learning_rate * min_lr_ratio)
+  if method == "full":
+    decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)
+  else:
+    decay_mask = dora_jax.weight_decay_mask
+  parts = []
+  if grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask))
+  return optax.chain(*parts), schedule
+
+
+def make_train_step(forward: Callable, tx: optax.GradientTransformation, grad_accum: int = 1,
+                    jit_kwargs: Mapping[str, Any] | None = None) -> Callable:
+  """``step(frozen, trainable, opt_state, batch, rng) -> (trainable, opt_state, metrics)``.
+
+  The batch's leading axis is split into ``grad_accum`` micro-batches whose
+  summed token losses and gradients are accumulated with ``lax.scan``: the
+  update equals the one of the whole batch (mean over its response tokens).
+  """
+
+  def micro_loss(trainable, frozen, micro, rng):
+    logits = forward(frozen, trainable, micro, rng, True)
+    return token_nll(logits, *at_loss_positions(micro))
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def step(frozen, trainable, opt_state, batch, rng):
+    if grad_accum == 1:
+      (total, count), grads = grad_fn(trainable, frozen, batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+      rngs = jax.random.split(rng, grad_accum)
+
+      def body(carry, inp):
+        g_acc, t_acc, c_acc = carry
+        mb, r = inp
+        (t, c), g = grad_fn(trainable, frozen, mb, r)
+        return (jax.tree.map(jnp.add, g_acc, g), t_acc + t, c_acc + c), None
+
+      zeros = jax.tree.map(jnp.zeros_like, trainable)
+      (grads, total, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, rngs))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+    return trainable, opt_state, metrics
+
+  return jax.jit(step, donate_argnums=(1, 2), **dict(jit_kwargs or {}))
+
+
+def make_eval_step(forward: Callable) -> Callable:
+  """``eval_step(frozen, trainable, batch) -> (nll per row [B], count per row [B])``."""
+
+  def eval_step(frozen, trainable, batch):
+    logits = forward(frozen, trainable, batch, None, False).astype(jnp.float32)
+    targets, mask = at_loss_positions(batch)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(jnp.where(mask > 0, logz - picked, 0.0), axis=-1), jnp.sum(mask, axis=-1)
+
+  return jax.jit(eval_step)
+
+
+def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """Pads every array's leading axis with zero rows up to ``rows`` (fixed jit shapes)."""
+  out = {}
+  for k, v in batch.items():
+    n = v.shape[0]
+    out[k] = v if n == rows else np.concatenate([v, np.zeros((rows - n, *v.shape[1:]), v.dtype)])
+  return out
