@@ -468,6 +468,7 @@ def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: 
   """Write one safetensors file with safetensors' numpy backend (no torch)."""
   from safetensors.numpy import save_file
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=dict(metadata))
+  os.chmod(path, 0o644)  # safetensors creates the file 0600; a shared cache needs it readable
 
 
 def _replace_dir(tmp: Path, dest: Path) -> None:
