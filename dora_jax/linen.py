@@ -10,7 +10,10 @@ adds the low-rank term and the DoRA column scale, without forming ``W'``:
     DoRA:  y = y0 + (g − 1) ⊙ (x' W0) + g ⊙ s·(drop(x) A) B,  g = m / sg(||W0 + sAB||_c)
 
 with ``x' W0 = y0 − b`` without dropout (PEFT's semantics: the bias is never
-rescaled). Other adapted modules (``nn.Conv``, ``nn.Embed``, ``DenseGeneral``
+rescaled). ``wrap(..., dora_path=...)`` picks how DoRA layers run in training:
+``"factored"`` (the above, autodiff), ``"custom_vjp"`` (the same forward with a
+backward that keeps ``y`` instead of ``u``) or ``"merged"`` (materialize ``W'``);
+see :data:`dora_jax.factored.DORA_PATHS`. Other adapted modules (``nn.Conv``, ``nn.Embed``, ``DenseGeneral``
 with ``batch_dims``, batched ``Einsum``) run on the merged weight ``W'``.
 """
 
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 from dora_jax import core
 from dora_jax import tree as tree_lib
 from dora_jax.config import ADAPTER_KEYS, LoraConfig
-from dora_jax.factored import Projection, einsum_kernel_axes, factored_output
+from dora_jax.factored import DORA_PATHS, Projection, einsum_kernel_axes, factored_output
 
 Array = jax.Array
 logger = logging.getLogger("dora_jax")
@@ -152,7 +155,7 @@ def _projection(module, x: Array, kernel: Array, inputs: int, args, kwargs) -> P
 
 
 def _factored_call(module, next_fun, args, kwargs, config: LoraConfig, inputs: int,
-                   dropout_on: bool) -> Array:
+                   dropout_on: bool, dora_path: str = "factored") -> Array:
   ad = _adapter_of(module)
   a, b, m = ad["lora_a"], ad["lora_b"], ad.get("magnitude")
   kernel = tree_lib.unbox(module.get_variable("params", "kernel"))
@@ -170,10 +173,11 @@ def _factored_call(module, next_fun, args, kwargs, config: LoraConfig, inputs: i
   bias = (tree_lib.unbox(module.get_variable("params", "bias"))
           if module.has_variable("params", "bias") else None)
   return factored_output(proj, y0, x_in, kernel.reshape(i_dim, o_dim), a, b, config.scale,
-                         magnitude=m, bias=bias, dropped=dropout_on)
+                         magnitude=m, bias=bias, dropped=dropout_on,
+                         path="custom_vjp" if dora_path == "custom_vjp" else "factored")
 
 
-def _merged_call(module, context, args, kwargs, config: LoraConfig) -> Any:
+def _merged_call(module, context, args, kwargs, config: LoraConfig, chosen: bool = False) -> Any:
   key = "embedding" if isinstance(module, nn.Embed) else "kernel"
   ad = _adapter_of(module)
   w = tree_lib.unbox(module.get_variable("params", key))
@@ -182,31 +186,55 @@ def _merged_call(module, context, args, kwargs, config: LoraConfig) -> Any:
   merged = core.merge_kernel(w_mat, ad["lora_a"], ad["lora_b"], config.scale, ad.get("magnitude"))
   own = {k: tree_lib.unbox(v) for k, v in module.variables["params"].items() if k not in ADAPTER_KEYS}
   own[key] = merged.reshape(w.shape)
-  _say_merged_once(type(module).__name__, "no factored forward for this layer type")
+  if not chosen:
+    _say_merged_once(type(module).__name__, "no factored forward for this layer type")
   return module.clone(parent=None).apply({"params": own}, *args, method=context.method_name, **kwargs)
 
 
-def _interceptor(config: LoraConfig, next_fun, args, kwargs, context):
+def _interceptor(config: LoraConfig, dora_path: str, next_fun, args, kwargs, context):
   module = context.module
   if (context.method_name not in ("__call__", "attend")
       or not isinstance(module, _ADAPTABLE_TYPES)
       or not module.has_variable("params", "lora_a")):
     return next_fun(*args, **kwargs)
   dropout_on = config.lora_dropout > 0.0 and module.scope.has_rng("dropout")
+  is_dora = module.has_variable("params", "magnitude")
+  if dora_path == "merged" and is_dora and not dropout_on:
+    return _merged_call(module, context, args, kwargs, config, chosen=True)
   if isinstance(module, _FACTORED_TYPES) and context.method_name == "__call__":
     kernel = module.get_variable("params", "kernel")
     inputs = _module_inputs(module, tree_lib.unbox(kernel).ndim, args, kwargs)
     if inputs is not None:
-      return _factored_call(module, next_fun, args, kwargs, config, inputs, dropout_on)
+      return _factored_call(module, next_fun, args, kwargs, config, inputs, dropout_on, dora_path)
   return _merged_call(module, context, args, kwargs, config)
 
 
-def wrap(apply_fn: Callable, config: LoraConfig) -> Callable:
+def wrap(apply_fn: Callable, config: LoraConfig, *, dora_path: str = "factored") -> Callable:
   """Runs a Linen model's ``apply`` with adapters.
 
   Args:
     apply_fn: ``model.apply`` (or any function taking a variables dict first).
     config: the adapter config the adapters were made with.
+    dora_path: how DoRA layers (Dense, DenseGeneral, Einsum) run; all give the
+      same outputs and gradients up to rounding:
+
+      - ``"factored"`` (default): ``y0 + (g − 1)·(x W0) + g·s·(xA)B`` from the
+        module's own output ``y0``, differentiated by autodiff (which keeps the
+        un-scaled output ``u`` of each layer for ``∇m``).
+      - ``"custom_vjp"``: the same forward with a hand-written backward that keeps
+        the output ``y`` instead (``∇m = Σ dy ⊙ (y − b) / m``) and a norm computed
+        from the kernel's own dtype with float32 accumulation. Less activation
+        memory. With adapter dropout active it runs ``"factored"`` (``u`` cannot
+        be recovered from ``y`` there).
+      - ``"merged"``: materialize ``W' = m ⊙ (W0 + sAB) / ||W0 + sAB||_c`` and run
+        the module on it (the reference; an ``[I, O]`` temporary per layer).
+        With adapter dropout active it runs ``"factored"`` (a merged weight
+        cannot drop the adapter's input only).
+
+      LoRA layers always run factored.
+
+  Raises:
+    ValueError: for an unknown ``dora_path``.
 
   Returns:
     ``apply(params, adapters, *args, rngs=None, **kwargs)``. ``params`` is the
@@ -230,6 +258,9 @@ def wrap(apply_fn: Callable, config: LoraConfig) -> Callable:
     True
   """
 
+  if dora_path not in DORA_PATHS:
+    raise ValueError(f"dora_path must be one of {list(DORA_PATHS)}, got {dora_path!r}.")
+
   def apply(params, adapters, *args, rngs=None, **kwargs):
     if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping):
       variables = dict(params)
@@ -237,7 +268,7 @@ def wrap(apply_fn: Callable, config: LoraConfig) -> Callable:
       variables = {"params": params}
     tree_lib.check_adapters(variables["params"], adapters)
     variables["params"] = tree_lib.combine(variables["params"], adapters)
-    with nn.intercept_methods(functools.partial(_interceptor, config)):
+    with nn.intercept_methods(functools.partial(_interceptor, config, dora_path)):
       return apply_fn(variables, *args, rngs=rngs, **kwargs)
 
   return apply
