@@ -231,6 +231,13 @@ def test_raw_reader_matches_safetensors(tmp_path):
       assert raw.dtype == want.dtype and raw.shape == want.shape
       np.testing.assert_array_equal(raw, want)
       np.testing.assert_array_equal(f.get_tensor(name), want)
+  hf.write_safetensors_raw(tmp_path / "raw.safetensors", t, {"format": "pt"})
+  with safe_open(str(tmp_path / "raw.safetensors"), framework="numpy") as f:
+    assert f.metadata() == {"format": "pt"}
+    for name, want in t.items():
+      got = f.get_tensor(name)
+      assert got.dtype == want.dtype
+      np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -464,10 +464,40 @@ def _shard(tensors: Mapping[str, np.ndarray], max_shard_size: int | None) -> lis
   return shards
 
 
+def write_safetensors_raw(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                          metadata: Mapping[str, str] | None = None) -> None:
+  """Write a safetensors file without safetensors (little-endian data, 8-byte aligned header)."""
+  codes = {v: k for k, v in _ST_DTYPES.items()}
+  header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+  offset = 0
+  arrays = {}
+  for name, t in tensors.items():
+    t = np.ascontiguousarray(t)
+    if t.dtype.byteorder == ">":
+      t = t.astype(t.dtype.newbyteorder("<"))
+    code = codes.get(t.dtype.newbyteorder("="))
+    if code is None:
+      raise ValueError(f"Tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors.")
+    header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+    arrays[name] = t
+    offset += t.nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for t in arrays.values():
+      f.write(t.tobytes())
+
+
 def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
-  """Write one safetensors file with safetensors' numpy backend (no torch)."""
+  """Write one safetensors file with safetensors' numpy backend (no torch), or the raw writer
+  when that backend rejects a dtype (bfloat16 in old safetensors versions)."""
   from safetensors.numpy import save_file
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=dict(metadata))
+  try:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=dict(metadata))
+  except (TypeError, ValueError, KeyError):
+    write_safetensors_raw(path, tensors, metadata)
   os.chmod(path, 0o644)  # safetensors creates the file 0600; a shared cache needs it readable
 
 
