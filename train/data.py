@@ -526,6 +526,17 @@ def _tokenize(tokenizer, texts: Sequence[str], add_special_tokens: bool) -> list
   return [list(map(int, ids)) for ids in out["input_ids"]]
 
 
+def _special_ids(tokenizer) -> set[int]:
+  """Ids that can end a turn: the named special tokens, added tokens marked special, and EOS."""
+  special = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+  added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+  special.update(int(i) for i, t in added.items() if getattr(t, "special", False))
+  eos = _eos_id(tokenizer)
+  if eos is not None:
+    special.add(eos)
+  return special
+
+
 def _messages(prompt: str, response: str | None, system_prompt: str | None) -> list[dict]:
   msgs = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
   msgs.append({"role": "user", "content": prompt})
@@ -581,10 +592,7 @@ def _encode_parts(tokenizer, prompts: Sequence[str], responses: Sequence[str], *
     p_ids = _tokenize(tokenizer, p_text, False)
     f_ids = _tokenize(tokenizer, f_text, False)
     empty = _tokenize(tokenizer, empty_text, False)[0]
-    special = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
-    eos = _eos_id(tokenizer)
-    if eos is not None:
-      special.add(eos)
+    special = _special_ids(tokenizer)
   else:
     if system_prompt:
       prompts = [system_prompt + "\n" + p for p in prompts]
