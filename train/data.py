@@ -290,7 +290,7 @@ DEFAULT_USER_TEMPLATE = "Text: {text}\nLabel ({choices}):"
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, int, dict]]:
   """Yields (row number, line number, object); blank lines hold no record and are ignored."""
   row = 0
-  with open(path, encoding="utf-8") as fh:
+  with open(path, encoding="utf-8-sig") as fh:
     for line_no, line in enumerate(fh, start=1):
       if not line.strip():
         continue
@@ -308,7 +308,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, int, dict]]:
 def _iter_csv(path: Path) -> Iterator[tuple[int, int, dict]]:
   """Yields (row number counting data rows from 1, line number, row dict). Header required."""
   delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-  with open(path, encoding="utf-8", newline="") as fh:
+  with open(path, encoding="utf-8-sig", newline="") as fh:
     reader = csv.reader(fh, delimiter=delimiter)
     try:
       header = next(reader)
@@ -353,6 +353,7 @@ def load_user_file(path: str | Path, *, prompt_field: str = "prompt", response_f
   whose examples are its blank-line-separated blocks. For a label task the labels are ``labels``
   when given (an unknown label is then an error), else the sorted distinct label strings;
   ``template`` (default ``"Text: {text}\\nLabel ({choices}):"``) makes the prompt.
+  Label-task texts have their whitespace collapsed to single spaces.
 
   Every malformed row (invalid JSON, a missing or empty field, a non-string value, an unknown
   label, a wrong number of CSV fields) raises ValueError naming the file, the row number (data
@@ -402,7 +403,10 @@ def load_user_file(path: str | Path, *, prompt_field: str = "prompt", response_f
            _field(path, r, ln, rec, label_field, allow_scalar=True).strip()) for r, ln, rec in records]
   if labels is None:
     labels = tuple(sorted({lab for *_, lab in rows}))
-  spec = LabelTask(tuple(labels), template or DEFAULT_USER_TEMPLATE)
+  try:
+    spec = LabelTask(tuple(labels), template or DEFAULT_USER_TEMPLATE)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
   index = {lab: i for i, lab in enumerate(spec.labels)}
   examples = []
   for r, ln, text, lab in rows:
