@@ -325,7 +325,7 @@ def test_bbc_news():
   assert task.labels == ("business", "entertainment", "politics", "sports", "tech")
   assert np.array_equal(np.bincount(task.label_ids), [510, 386, 417, 511, 401])
   texts = [e.prompt[len("Article: "):e.prompt.index("\nTopic (")] for e in task.examples]
-  assert max(len(t.split()) for t in texts) <= 60
+  assert max(len(t.split()) for t in texts) <= D.BBC_MAX_WORDS == 45
   assert max(len(t.split()) for t in
              (e.prompt for e in D.load_bbc_news(max_words=20).examples[:50])) <= 20 + 8
   train, held = D.split_examples(task.examples, 400, seed=0)

