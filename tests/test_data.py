@@ -328,7 +328,7 @@ def test_bbc_news():
   assert max(len(t.split()) for t in texts) <= D.BBC_MAX_WORDS == 45
   assert max(len(t.split()) for t in
              (e.prompt for e in D.load_bbc_news(max_words=20).examples[:50])) <= 20 + 8
-  train, held = D.split_examples(task.examples, 400, seed=0)
+  _, held = D.split_examples(task.examples, 400, seed=0)
   assert len(held) == 400 and abs(np.bincount([e.label_id for e in held])[0] - 400 * 510 / 2225) <= 1
 
 

@@ -45,11 +45,11 @@ import bz2
 import csv
 import dataclasses
 import importlib.util
-import io
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -93,7 +93,7 @@ class TextExample:
   text: str
 
 
-AnyExample = Union[Example, TextExample]
+AnyExample = Example | TextExample
 
 
 def _choices_text(labels: Sequence[str]) -> str:
@@ -166,7 +166,7 @@ def package_dir(name: str) -> Path:
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
         f"Package {name!r} is not installed; install it with `pip install --no-deps {name.replace('_', '-')}`.")
-  return Path(list(spec.submodule_search_locations)[0])
+  return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _read_text(path: Path) -> str:
@@ -537,7 +537,7 @@ def _tokenize(tokenizer, texts: Sequence[str], add_special_tokens: bool) -> list
 
 def _special_ids(tokenizer) -> set[int]:
   """Ids that can end a turn: the named special tokens, added tokens marked special, and EOS."""
-  special = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+  special = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
   added = getattr(tokenizer, "added_tokens_decoder", None) or {}
   special.update(int(i) for i, t in added.items() if getattr(t, "special", False))
   eos = _eos_id(tokenizer)
@@ -921,7 +921,7 @@ class BatchIterator:
         self._epoch, self._position = self._epoch + 1, 0
     return np.concatenate(parts)
 
-  def __iter__(self) -> "BatchIterator":
+  def __iter__(self) -> BatchIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
