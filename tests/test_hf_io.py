@@ -323,7 +323,7 @@ def test_transformers_interop(tmp_path, name):
   hf.save_pretrained(tmp_path / "ours", config, params)
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), local_files_only=True)
   with torch.no_grad():
-    theirs = model(torch.as_tensor(np.asarray(IDS), dtype=torch.long)).logits.float().numpy()
+    theirs = model(torch.as_tensor(np.array(IDS), dtype=torch.long)).logits.float().numpy()
   np.testing.assert_allclose(theirs, ours, atol=2e-5, rtol=2e-5)
   # And back: transformers' own save_pretrained → our loader.
   model.save_pretrained(str(tmp_path / "theirs"))
