@@ -260,7 +260,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
   stop_at = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
   try:
     for step in range(start_step + 1, stop_at + 1):
-      batch = iterator.next_batch()
+      batch = next(iterator)
       step_rng = jax.random.fold_in(rng, step)
       t0 = time.time()
       trainable, opt_state, m = train_step(frozen, trainable, opt_state, batch, step_rng)

@@ -79,6 +79,11 @@ class LlamaConfig:
           f" num_key_value_heads={self.num_key_value_heads}.")
     if self.rope_scaling is not None:
       object.__setattr__(self, "rope_scaling", _FrozenDict(self.rope_scaling))
+    if self.attention_bias and self.model_type != "qwen2":
+      raise ValueError(
+          f"attention_bias=True with model_type={self.model_type!r}: Llama's attention_bias also"
+          " adds an o_proj bias, which this model does not implement; only Qwen2's q/k/v biases"
+          " (model_type='qwen2') are supported.")
 
   @classmethod
   def from_hf(cls, hf: Any) -> "LlamaConfig":
@@ -95,7 +100,8 @@ class LlamaConfig:
     if rope_params:
       rope_theta = rope_params.get("rope_theta", rope_theta)
       if rope_params.get("rope_type", "default") != "default":
-        rope_scaling = dict(rope_params)
+        # rope_parameters also holds rope_theta, which is a field of its own here.
+        rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
     if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
       rope_scaling = None
     return cls(
