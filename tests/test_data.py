@@ -99,6 +99,51 @@ def test_truncation_keeps_template_and_end_of_prompt(tok):
     D.encode_example(tok, "hi", "positive " * 30, chat_template=True, max_len=16)
 
 
+def _with_template(tok, template):
+  import copy
+  t = copy.deepcopy(tok)
+  t.chat_template = template
+  return t
+
+
+def test_chat_template_boundary_merge_falls_back_to_concatenation(tok):
+  # the generation prompt ends in a space: "Answer: positive" tokenizes " positive" as one token, so the
+  # prompt's tokens are not a prefix of the conversation's; the rule is prompt tokens + rest tokens
+  t = _with_template(tok, "{% for m in messages %}{% if m['role'] == 'user' %}Question: {{ m['content'] }}\n"
+                          "{% else %}Answer: {{ m['content'] }}</s>{% endif %}{% endfor %}"
+                          "{% if add_generation_prompt %}Answer: {% endif %}")
+  msgs = [{"role": "user", "content": "a great film"}]
+  p_text = t.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+  f_text = t.apply_chat_template(msgs + [{"role": "assistant", "content": "positive"}], tokenize=False)
+  p_ids, f_ids = t(p_text, add_special_tokens=False).input_ids, t(f_text, add_special_tokens=False).input_ids
+  assert f_ids[:len(p_ids)] != p_ids  # the case under test
+  ids, mask = D.encode_example(t, "a great film", "positive", chat_template=True, max_len=64)
+  assert list(ids) == p_ids + t("positive</s>", add_special_tokens=False).input_ids
+  assert t.decode(ids) == f_text and t.decode(ids[mask > 0]) == "positive</s>"
+  # label scoring uses the same rule
+  rows = D.label_choice_batch(t, ["a great film"], ("positive", "negative"), chat_template=True, seq_len=64)
+  assert np.array_equal(rows["input_ids"][0, :len(ids) - 1], ids[:-1])
+
+
+def test_chat_template_that_rewrites_the_prompt_is_rejected(tok):
+  t = _with_template(tok, "{% if messages | length > 1 %}TRAIN {% endif %}"
+                          "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+  with pytest.raises(ValueError, match="renders the prompt differently"):
+    D.encode_example(t, "hi", "positive", chat_template=True, max_len=64)
+
+
+def test_loss_on_all(tok):
+  resp, _ = D.encode_example(tok, "Review: a great film", "positive", chat_template=True, max_len=128)
+  ids, mask = D.encode_example(tok, "Review: a great film", "positive", chat_template=True, max_len=128,
+                               loss_on="all")
+  assert np.array_equal(ids, resp) and mask[0] == 0 and mask[1:].all()
+  arrays = D.build_dataset(_examples(4), tok, 64, loss_on="all")
+  assert np.array_equal(arrays["loss_mask"].sum(1), arrays["attention_mask"].sum(1) - 1)
+  with pytest.raises(ValueError, match="loss_on"):
+    D.encode_example(tok, "a", "b", chat_template=True, max_len=64, loss_on="prompt")
+
+
 def test_text_chunks_predict_every_token_once(tok):
   text = " ".join(CORPUS)
   whole = tok(text).input_ids + [tok.eos_token_id]
@@ -205,6 +250,21 @@ def test_split_deterministic_disjoint_stratified():
     D.split_examples(texts, 30, seed=0)
 
 
+def test_split_fraction_and_majority_from_examples():
+  ex = [D.Example(f"p{i}", "ab"[y], y) for i, y in enumerate([0] * 30 + [1] * 10)]
+  tr, ev = D.split_examples(ex, 0.25, seed=0)
+  assert len(ev) == 10 and len(tr) == 30
+  assert np.array_equal(np.bincount([e.label_id for e in ev]), [8, 2])  # quotas 7.5 / 2.5: tie -> label 0
+  assert (tr, ev) == D.split_examples(ex, 10, seed=0)  # a fraction is the same as its count
+  assert D.eval_count(0.1, 25) == 3 and D.eval_count(0.5, 3) == 2 and D.eval_count(0, 5) == 0
+  for bad in (1.0, 0.0, -1, 40, True, "10"):
+    with pytest.raises((ValueError, TypeError)):
+      D.split_examples(ex, bad, seed=0)
+  assert D.majority_class_rate(ex) == 0.75 == D.majority_class_rate(np.array([e.label_id for e in ex]))
+  with pytest.raises(ValueError, match="label examples"):
+    D.majority_class_rate([D.Example("a", "b")])
+
+
 def _arrays(n=23, t=4):
   ids = np.arange(n * t, dtype=np.int32).reshape(n, t)
   return {"input_ids": ids, "targets": ids + 1}
@@ -249,6 +309,41 @@ def test_process_shards_union_is_global_batch(procs):
     D.BatchIterator(arrays, 6, seed=1, process_index=0, process_count=4)
 
 
+def test_iterator_drop_last():
+  arrays = _arrays(23)
+  it = D.BatchIterator(arrays, 5, seed=3, drop_last=True)
+  assert it.batches_per_epoch == 4
+  epochs = [np.concatenate([next(it)["input_ids"][:, 0] // 4 for _ in range(4)]) for _ in range(3)]
+  for e, rows in enumerate(epochs):
+    perm = np.random.default_rng([3, e]).permutation(23)
+    assert np.array_equal(rows, perm[:20])  # the last 23 % 5 rows of each epoch's order are skipped
+  assert it.state() == {"epoch": 3, "position": 0}
+  state = {"epoch": 1, "position": 10}
+  a, b = D.BatchIterator(arrays, 5, seed=3, drop_last=True), D.BatchIterator(arrays, 5, seed=3, drop_last=True)
+  for _ in range(6):
+    next(a)
+  b.restore(state)
+  assert a.state() == state and all(np.array_equal(next(a)["input_ids"], next(b)["input_ids"]) for _ in range(5))
+  with pytest.raises(ValueError, match="multiple of"):
+    b.restore({"epoch": 0, "position": 7})
+  with pytest.raises(ValueError, match="drop_last=False"):
+    D.BatchIterator(_arrays(3), 8, drop_last=True)
+
+
+def test_shard_method_continues_from_the_global_state():
+  arrays = _arrays()
+  glob = D.BatchIterator(arrays, 6, seed=5)
+  for _ in range(3):
+    next(glob)
+  shards = [glob.shard(p, 3) for p in range(3)]
+  assert all(s.state() == glob.state() and s.local_batch_size == 2 for s in shards)
+  for _ in range(5):
+    g = next(glob)["input_ids"]
+    assert np.array_equal(np.concatenate([next(s)["input_ids"] for s in shards]), g)
+  with pytest.raises(ValueError):
+    glob.shard(3, 3)
+
+
 # ----------------------------------------------------------------------------------------------
 # Label evaluation rows
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +365,27 @@ def test_label_choice_rows(tok):
   task = D.Task("t", "label", tuple(_examples(4)), ("positive", "negative"), "")
   rows = D.label_choice_rows(task, task.examples, tok, 40, chat_template=True)
   assert rows["input_ids"].shape == (8, 40)
+
+
+def test_label_scoring_batches(tok):
+  ex = _examples(5)
+  labels = ("positive", "negative", "so so")
+  batches = list(D.label_scoring_batches(ex, tok, labels, seq_len=48, batch_size=4, chat_template=True))
+  assert len(batches) == 4  # 15 rows in batches of 4, the last padded with one empty row
+  assert all(b["input_ids"].shape == (4, 48) and b["example_index"].shape == (4,) for b in batches)
+  flat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  _check_rows({k: flat[k] for k in D.ARRAY_KEYS}, 48)
+  assert list(flat["example_index"]) == [n for n in range(5) for _ in labels] + [-1]
+  assert list(flat["label_index"]) == list(range(3)) * 5 + [-1]
+  assert not flat["loss_mask"][-1].any() and not flat["attention_mask"][-1].any()
+  whole = D.label_choice_batch(tok, [e.prompt for e in ex], labels, chat_template=True, seq_len=48)
+  assert all(np.array_equal(flat[k][:15], whole[k]) for k in D.ARRAY_KEYS)
+  # a row's score: the number of label tokens stands in for a log-likelihood here
+  row_scores = flat["loss_mask"].sum(1) * np.where(flat["label_index"] == 2, 10, 1)
+  scores = D.label_score_matrix(flat["example_index"], flat["label_index"], row_scores, 5, 3)
+  assert scores.shape == (5, 3) and (scores.argmax(1) == 2).all()
+  with pytest.raises(ValueError, match="scored once"):
+    D.label_score_matrix(flat["example_index"][:-2], flat["label_index"][:-2], row_scores[:-2], 5, 3)
 
 
 def test_label_token_fast_path(tok):
@@ -308,9 +424,23 @@ def test_majority_class_rate():
 # ----------------------------------------------------------------------------------------------
 
 
+def test_registry_describes_the_loaded_tasks():
+  assert D.BUNDLED_TASKS == ("rotten_tomatoes", "bbc_news", "hamlet", "fortunes")
+  hamlet = D.load_task("hamlet", max_words=32)
+  assert D.TASKS["hamlet"].kind == hamlet.kind == "text"
+  assert max(len(e.text.split()) for e in hamlet.examples if "\n" in e.text) <= 32
+  with pytest.raises(ValueError, match="no template"):
+    D.load_task("hamlet", template="{text}")
+  with pytest.raises(ValueError, match="no max_words"):
+    D.load_task("rotten_tomatoes", max_words=10)
+  with pytest.raises(FileNotFoundError, match="not a bundled task"):
+    D.load_task("imdb")
+
+
 def test_rotten_tomatoes():
   task = D.load_task("rotten_tomatoes")
-  assert task.kind == "label" and task.labels == ("positive", "negative")
+  spec = D.TASKS["rotten_tomatoes"]
+  assert task.kind == spec.kind == "label" and task.labels == spec.labels == ("positive", "negative")
   assert len(task.examples) == 12_808
   assert np.array_equal(np.bincount(task.label_ids), [7403, 5405])
   assert D.majority_class_rate(task.label_ids) == pytest.approx(0.578, abs=5e-4)
@@ -321,7 +451,7 @@ def test_rotten_tomatoes():
 
 def test_bbc_news():
   task = D.load_task("bbc_news")
-  assert task.kind == "label" and len(task.examples) == 2_225 and len(task.labels) == 5
+  assert task.kind == "label" and len(task.examples) == 2_225 and task.labels == D.TASKS["bbc_news"].labels
   assert task.labels == ("business", "entertainment", "politics", "sports", "tech")
   assert np.array_equal(np.bincount(task.label_ids), [510, 386, 417, 511, 401])
   texts = [e.prompt[len("Article: "):e.prompt.index("\nTopic (")] for e in task.examples]
@@ -388,6 +518,20 @@ def test_jsonl_errors_name_file_and_row(tmp_path, lines, kw, message):
     D.load_task(_write(tmp_path / "bad.jsonl", lines), **kw)
 
 
+def test_json_array_file(tmp_path):
+  good = tmp_path / "a.json"
+  good.write_text(json.dumps([{"text": "fine", "label": 1}, {"text": "bad", "label": 0}]))
+  task = D.load_task(good)
+  assert task.kind == "label" and task.labels == ("0", "1") and [e.label_id for e in task.examples] == [1, 0]
+  bad = tmp_path / "b.json"
+  bad.write_text(json.dumps([{"text": "fine", "label": 1}, {"text": "", "label": 0}]))
+  with pytest.raises(ValueError, match=r"b\.json: row 2: field 'text' is empty"):
+    D.load_task(bad)
+  bad.write_text('[{"text": "fine", "label": 1},\n {"text": ')
+  with pytest.raises(ValueError, match=r"b\.json: invalid JSON at line 2"):
+    D.load_task(bad)
+
+
 @pytest.mark.parametrize("lines, kw, message", [
     (["text,label", "a,x", "b,y,extra"], {}, r"bad\.csv: row 2 \(line 3\): 3 fields, but the header has 2"),
     (["text,label", '"multi', 'line",x', ",y"], {}, r"row 2 \(line 4\): field 'text' is empty"),
@@ -407,16 +551,16 @@ def test_csv_errors_name_file_and_row(tmp_path, lines, kw, message):
 
 @pytest.fixture(scope="module")
 def smol_tok():
+  """The converted tokenizer from dora_jax's cache (no JAX import), else converted from the GGUF."""
+  import os
+  cache = Path(os.environ.get("DORA_JAX_CACHE") or Path.home() / ".cache" / "dora_jax") / "smollm2-135m-instruct"
+  if (cache / "tokenizer.json").exists():
+    from transformers import PreTrainedTokenizerFast  # AutoTokenizer would import torch
+    return PreTrainedTokenizerFast.from_pretrained(str(cache), local_files_only=True)
   try:
-    from dora_jax.models import smollm2
-  except ImportError as e:
-    pytest.skip(f"dora_jax.models.smollm2 not importable: {e}")
-  try:
-    cached = smollm2._cache_root(None) / smollm2.CACHE_NAME
-    if (cached / "tokenizer.json").exists():  # converted already: fast
-      from transformers import AutoTokenizer
-      return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
     import gguf
+
+    from dora_jax.models import smollm2
     return smollm2.gguf_tokenizer(gguf.GGUFReader(smollm2.find_smollm2_gguf()))
   except (ImportError, AttributeError, FileNotFoundError) as e:
     pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")

@@ -5,11 +5,15 @@ frozen dataclasses so that it is easy to test.
 
 Pipeline::
 
-  task = load_task("rotten_tomatoes")                      # Task: kind, examples, labels
-  train, held_out = split_examples(task.examples, eval_size=400, seed=0)
+  task = load_task("rotten_tomatoes")                      # Task: kind, examples, labels (TASKS: specs)
+  train, held_out = split_examples(task.examples, eval_size=400, seed=0)   # or eval_size=0.1
   arrays = build_dataset(train, tok, seq_len=128, packing=False, chat_template=True)
-  it = BatchIterator(arrays, batch_size=16, seed=0)         # infinite, resumable
+  it = BatchIterator(arrays, batch_size=16, seed=0)         # infinite, resumable; it.shard(p, P)
   batch = next(it)                                          # dict of [B, T] numpy arrays
+
+Records: :class:`Example` (prompt, response, label_id) for label and prompt/response tasks (a label
+task's prompt is its template filled with the input text, its response the label string) and
+:class:`TextExample` (text) for language modelling.
 
 Batch arrays (every row has the same fixed length ``T`` = ``seq_len``):
 
@@ -25,14 +29,17 @@ A model masks attention with ``segment_ids[q] == segment_ids[k] and k <= q`` (an
 never cross a segment boundary (the last token of each segment has loss_mask 0).
 
 Encoded examples are ``(ids [L] int32, token_mask [L] float32)``: ``token_mask[i] = 1`` when token
-``i`` is to be *predicted* (a response token or the end-of-turn token after it). The batch arrays
+``i`` is to be *predicted*: a response token or the end-of-turn token after it (``loss_on="response"``,
+the default), every token but the first (``loss_on="all"``, and always for texts). The batch arrays
 shift it onto the predicting position: ``loss_mask[t] = token_mask[t+1]``.
 
 Label (classification-as-generation) evaluation, two ways:
 
 * general: :func:`label_choice_batch` makes one row per (example, label) with the loss mask on the
   label's tokens only; the trainer sums the masked token log-likelihoods per row, reshapes the sums to
-  ``[N, K]`` and takes the argmax over labels.
+  ``[N, K]`` and takes the argmax over labels. :func:`label_scoring_batches` yields the same rows in
+  fixed-shape batches tagged with (example_index, label_index), and :func:`label_score_matrix`
+  gathers the row scores back into ``[N, K]``.
 * fast, when every label is one token after the prompt: :func:`label_token_ids` gives the ``[K]``
   token ids and :func:`label_prompt_batch` the prompt rows with the index of each row's last prompt
   token; the trainer compares ``logits[n, last_index[n], label_token_ids]`` (argmax over K). Both
@@ -47,8 +54,8 @@ import dataclasses
 import importlib.util
 import json
 import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -62,12 +69,12 @@ __all__ = [
     "has_chat_template", "pad_token_id", "encode_example", "encode_examples", "encode_text",
     "encode_texts", "encode_task_examples", "pad_batch", "pack_rows", "build_dataset",
     "BatchIterator", "label_choice_batch", "label_token_ids", "label_prompt_batch",
-    "prompt_rows", "label_choice_rows",
+    "prompt_rows", "label_choice_rows", "label_scoring_batches", "label_score_matrix",
+    "TaskSpec", "TASKS", "eval_count",
 ]
 
 ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions", "segment_ids")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
-BUNDLED_TASKS = ("rotten_tomatoes", "bbc_news", "hamlet", "fortunes")
 
 Encoded = tuple[np.ndarray, np.ndarray]  # (ids [L] int32, token_mask [L] float32)
 
@@ -310,6 +317,24 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, int, dict]]:
       yield row, line_no, obj
 
 
+def _iter_json_array(path: Path) -> Iterator[tuple[int, int, dict]]:
+  """A ``.json`` file: a JSON array of objects (or, failing that, JSON lines). Yields (row, line, object);
+  the line of an array element is not tracked and is reported as 0."""
+  text = Path(path).read_text(encoding="utf-8-sig")
+  if not text.lstrip().startswith("["):
+    yield from _iter_jsonl(path)
+    return
+  try:
+    items = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
+  for row, obj in enumerate(items, start=1):
+    if not isinstance(obj, dict):
+      raise ValueError(f"{path}: row {row} (array element {row - 1}): expected a JSON object, got "
+                       f"{type(obj).__name__}.")
+    yield row, 0, obj
+
+
 def _iter_csv(path: Path) -> Iterator[tuple[int, int, dict]]:
   """Yields (row number counting data rows from 1, line number, row dict). Header required."""
   delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -334,8 +359,12 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, int, dict]]:
       yield row, line_no, dict(zip(header, values))
 
 
+def _where(path, row: int, line_no: int) -> str:
+  return f"{path}: row {row}" + (f" (line {line_no})" if line_no else "")
+
+
 def _field(path, row, line_no, rec: Mapping, key: str, *, allow_scalar: bool = False) -> str:
-  where = f"{path}: row {row} (line {line_no})"
+  where = _where(path, row, line_no)
   if key not in rec:
     raise ValueError(f"{where}: missing field {key!r} (fields: {', '.join(map(str, rec))}).")
   value = rec[key]
@@ -351,7 +380,8 @@ def _field(path, row, line_no, rec: Mapping, key: str, *, allow_scalar: bool = F
 def load_user_file(path: str | Path, *, prompt_field: str = "prompt", response_field: str = "response",
                    text_field: str = "text", label_field: str = "label",
                    labels: Sequence[str] | None = None, template: str | None = None) -> Task:
-  """A task from a ``.jsonl`` (one JSON object per line), ``.csv``/``.tsv`` (header row) or ``.txt`` file.
+  """A task from a ``.jsonl`` (one JSON object per line), ``.json`` (an array of objects),
+  ``.csv``/``.tsv`` (header row) or ``.txt`` file.
 
   The kind follows the fields of the first record: prompt_field + response_field -> "generation";
   text_field + label_field -> "label"; text_field alone -> "text". A ``.txt`` file is a text task
@@ -375,12 +405,14 @@ def load_user_file(path: str | Path, *, prompt_field: str = "prompt", response_f
       raise ValueError(f"{path}: no text.")
     return Task(path.stem, "text", tuple(TextExample(b) for b in blocks), None,
                 f"Text blocks from {path}.")
-  if suffix in (".jsonl", ".json"):
+  if suffix == ".jsonl":
     records = list(_iter_jsonl(path))
+  elif suffix == ".json":
+    records = list(_iter_json_array(path))
   elif suffix in (".csv", ".tsv"):
     records = list(_iter_csv(path))
   else:
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv, .tsv or .txt.")
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .tsv or .txt.")
   if not records:
     raise ValueError(f"{path}: no records.")
   first = records[0][2]
@@ -416,36 +448,73 @@ def load_user_file(path: str | Path, *, prompt_field: str = "prompt", response_f
   examples = []
   for r, ln, text, lab in rows:
     if lab not in index:
-      raise ValueError(f"{path}: row {r} (line {ln}): unknown label {lab!r}; labels are "
+      raise ValueError(f"{_where(path, r, ln)}: unknown label {lab!r}; labels are "
                        f"{', '.join(spec.labels)}.")
     examples.append(spec.example(" ".join(text.split()), index[lab]))
   return Task(path.stem, "label", tuple(examples), spec.labels,
               f"Texts labelled {', '.join(spec.labels)} from {path}.", spec.template)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """What a bundled task is, known without loading it.
+
+  kind: "label" or "text"; labels: the label strings (label tasks; the response of an example is
+  its label); template: the prompt template (``{text}``, ``{choices}``); load: ``load(**kw) -> Task``.
+  """
+
+  name: str
+  kind: Literal["label", "text"]
+  description: str
+  labels: tuple[str, ...] | None
+  template: str | None
+  load: Callable[..., Task] = dataclasses.field(repr=False, compare=False)
+
+
+TASKS: dict[str, TaskSpec] = {
+    "rotten_tomatoes": TaskSpec(
+        "rotten_tomatoes", "label", "Rotten Tomatoes review snippets (12,808), positive (fresh) / negative (rotten).",
+        ("positive", "negative"), RT_TEMPLATE, load_rotten_tomatoes),
+    "bbc_news": TaskSpec(
+        "bbc_news", "label", f"BBC News articles (2,225; first {BBC_MAX_WORDS} words), 5 topics.",
+        ("business", "entertainment", "politics", "sports", "tech"), BBC_TEMPLATE, load_bbc_news),
+    "hamlet": TaskSpec("hamlet", "text", "Shakespeare's Hamlet in passages of at most 64 words.", None, None,
+                       load_hamlet),
+    "fortunes": TaskSpec("fortunes", "text", "Debian fortunes (needs `apt-get install fortunes`).", None, None,
+                         load_fortunes),
+}
+"""The bundled tasks by name."""
+
+BUNDLED_TASKS = tuple(TASKS)
+
+
 def load_task(name_or_path: str | Path, *, prompt_field: str = "prompt", response_field: str = "response",
               text_field: str = "text", label_field: str = "label",
               labels: Sequence[str] | None = None, template: str | None = None,
               max_words: int | None = None) -> Task:
-  """A bundled task (see ``BUNDLED_TASKS``) by name, or a user file (see :func:`load_user_file`).
+  """A bundled task (a key of :data:`TASKS`) by name, or a user file (see :func:`load_user_file`).
 
-  ``max_words`` sets bbc_news's article truncation (default 45 words) or hamlet's passage size
-  (default 64); ``template`` overrides a label task's prompt template.
+  ``max_words`` sets bbc_news's article truncation (default BBC_MAX_WORDS = 45) or hamlet's passage size
+  (default 64); ``template`` overrides a label task's prompt template. The field names and
+  ``labels`` apply to user files only.
   """
   name = str(name_or_path)
-  if name in BUNDLED_TASKS:
-    if name == "rotten_tomatoes":
-      return load_rotten_tomatoes(**({"template": template} if template else {}))
-    if name == "bbc_news":
-      kw: dict[str, Any] = {"template": template} if template else {}
-      return load_bbc_news(max_words=BBC_MAX_WORDS if max_words is None else max_words, **kw)
-    if name == "hamlet":
-      return load_hamlet(64 if max_words is None else max_words)
-    return load_fortunes()
+  spec = TASKS.get(name)
+  if spec is not None:
+    kw: dict[str, Any] = {}
+    if template is not None:
+      if spec.kind != "label":
+        raise ValueError(f"Task {name!r} is a text task; it takes no template.")
+      kw["template"] = template
+    if max_words is not None:
+      if name not in ("bbc_news", "hamlet"):
+        raise ValueError(f"Task {name!r} takes no max_words.")
+      kw["max_words" if name == "bbc_news" else "words_per_example"] = max_words
+    return spec.load(**kw)
   path = Path(name)
   if not path.exists():
     raise FileNotFoundError(
-        f"Unknown task {name!r}: not a bundled task ({', '.join(BUNDLED_TASKS)}) and no such file.")
+        f"Unknown task {name!r}: not a bundled task ({', '.join(TASKS)}) and no such file.")
   return load_user_file(path, prompt_field=prompt_field, response_field=response_field,
                         text_field=text_field, label_field=label_field, labels=labels, template=template)
 
@@ -455,18 +524,35 @@ def load_task(name_or_path: str | Path, *, prompt_field: str = "prompt", respons
 # ----------------------------------------------------------------------------------------------
 
 
-def split_examples(examples: Sequence[AnyExample], eval_size: int, seed: int = 0
+def eval_count(eval_size: int | float, n: int) -> int:
+  """The number of eval examples: ``eval_size`` itself (an int), or ``round(eval_size * n)`` for a
+  float fraction in (0, 1) (halves round up). Must leave at least one training example."""
+  if isinstance(eval_size, bool) or not isinstance(eval_size, (int, float, np.integer, np.floating)):
+    raise TypeError(f"eval_size must be an int or a float fraction, got {eval_size!r}.")
+  if isinstance(eval_size, (float, np.floating)):
+    if not 0.0 < eval_size < 1.0:
+      raise ValueError(f"A fractional eval_size must be in (0, 1), got {eval_size}.")
+    k = int(np.floor(eval_size * n + 0.5))
+  else:
+    k = int(eval_size)
+  if not 0 <= k < n:
+    raise ValueError(f"eval_size={eval_size} gives {k} eval examples; it must be in [0, {n}) for {n} examples.")
+  return k
+
+
+def split_examples(examples: Sequence[AnyExample], eval_size: int | float, seed: int = 0
                    ) -> tuple[tuple[AnyExample, ...], tuple[AnyExample, ...]]:
   """Deterministic disjoint (train, eval) split, both in a seeded random order.
 
+  ``eval_size``: a count (int) or a fraction of the examples (float in (0, 1)), see :func:`eval_count`.
   Examples with ``label_id`` are stratified: each label gets ``eval_size * n_label / N`` eval
-  examples (rounded by largest remainder so the total is exactly ``eval_size``), drawn with
-  ``numpy.random.default_rng(seed).permutation``. Because train comes shuffled, ``train[:n]`` is a
-  random subset.
+  examples (rounded by largest remainder, ties to the smaller label id, so the total is exactly
+  ``eval_size``), drawn with ``numpy.random.default_rng(seed).permutation`` (the same on every
+  platform). Because train comes shuffled, ``train[:n]`` is a random subset.
+  Identical examples are not deduplicated (Rotten Tomatoes holds 56 repeated snippets).
   """
   n = len(examples)
-  if not 0 <= eval_size < n:
-    raise ValueError(f"eval_size={eval_size} must be in [0, {n}) for {n} examples.")
+  eval_size = eval_count(eval_size, n)
   rng = np.random.default_rng(seed)
   label_ids = [getattr(e, "label_id", None) for e in examples]
   if n and all(l is not None for l in label_ids):
@@ -492,9 +578,16 @@ def split_examples(examples: Sequence[AnyExample], eval_size: int, seed: int = 0
   return tuple(examples[i] for i in train_idx), tuple(examples[i] for i in eval_idx)
 
 
-def majority_class_rate(label_ids: Sequence[int] | np.ndarray) -> float:
-  """Accuracy of always predicting the most frequent label: ``max(bincount) / N``."""
-  y = np.asarray(label_ids, np.int64)
+def majority_class_rate(examples_or_label_ids: Sequence[Example] | Sequence[int] | np.ndarray) -> float:
+  """Accuracy of always predicting the most frequent label: ``max(bincount) / N``.
+
+  Takes label examples (their ``label_id``) or the label ids [N] themselves."""
+  items = list(examples_or_label_ids)
+  if items and isinstance(items[0], Example):
+    if any(e.label_id is None for e in items):
+      raise ValueError("majority_class_rate needs label examples (label_id set).")
+    items = [e.label_id for e in items]
+  y = np.asarray(items, np.int64)
   if y.size == 0:
     raise ValueError("No labels.")
   return float(np.bincount(y).max() / y.size)
@@ -610,14 +703,25 @@ def _encode_parts(tokenizer, prompts: Sequence[str], responses: Sequence[str], *
     empty = _tokenize(tokenizer, [""], True)[0]
     eos = _eos_id(tokenizer)
 
+  if chat_template:
+    # Where the conversation's tokens do not start with the prompt's (a token merged across the
+    # boundary), the rule is concatenation: prompt tokens + the tokens of the rest of the rendered
+    # conversation, i.e. what a model sees when it generates the response after the prompt.
+    redo = [i for i, (p, f) in enumerate(zip(p_ids, f_ids)) if f[:len(p)] != p]
+    for i in redo:
+      if not f_text[i].startswith(p_text[i]):
+        raise ValueError(
+            f"Example {i}: the chat template renders the prompt differently once the assistant message "
+            f"is added (the prompt text {p_text[i][-60:]!r} is not a prefix of the conversation's text "
+            f"{f_text[i][:len(p_text[i]) + 20][-80:]!r}); this template cannot be used with "
+            "chat_template=True; use chat_template=False.")
+    rests = _tokenize(tokenizer, [f_text[i][len(p_text[i]):] for i in redo], False)
+    for i, rest in zip(redo, rests):
+      f_ids[i] = p_ids[i] + rest
+
   parts = []
   for i, (p, f) in enumerate(zip(p_ids, f_ids)):
     if chat_template:
-      if f[:len(p)] != p:
-        raise ValueError(
-            f"Example {i}: the chat template's prompt tokens are not a prefix of the full conversation's "
-            f"tokens (prompt {p[-8:]} vs full {f[len(p) - 8:len(p) + 8]}); this tokenizer/template "
-            "cannot be used with chat_template=True.")
       suffix = f[len(p):]
       cut = next((j for j, t in enumerate(suffix) if t in special), None)
       if cut is None:
@@ -650,7 +754,11 @@ def _truncate_prompt(part: _Parts, budget: int) -> list[int]:
   return p[len(p) - budget:]
 
 
-def _assemble(part: _Parts, max_len: int, index: int, *, with_end: bool = True) -> Encoded:
+LossOn = Literal["response", "all"]
+
+
+def _assemble(part: _Parts, max_len: int, index: int, *, with_end: bool = True,
+              loss_on: LossOn = "response") -> Encoded:
   tail = part.response + (part.end if with_end else [])
   if len(tail) + 1 > max_len:
     raise ValueError(
@@ -659,26 +767,34 @@ def _assemble(part: _Parts, max_len: int, index: int, *, with_end: bool = True) 
   prompt = _truncate_prompt(part, max_len - len(tail))
   ids = np.asarray(prompt + tail, np.int32)
   mask = np.zeros(len(ids), np.float32)
-  mask[len(prompt):] = 1.0
+  if loss_on == "response":
+    mask[len(prompt):] = 1.0
+  elif loss_on == "all":
+    mask[1:] = 1.0  # every token that has a predecessor
+  else:
+    raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}.")
   return ids, mask
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], *, chat_template: bool, max_len: int,
-                    system_prompt: str | None = None) -> list[Encoded]:
+                    system_prompt: str | None = None, loss_on: LossOn = "response") -> list[Encoded]:
   """:func:`encode_example` for many examples (batched rendering and tokenization)."""
   parts = _encode_parts(tokenizer, [e.prompt for e in examples], [e.response for e in examples],
                         chat_template=chat_template, system_prompt=system_prompt)
-  return [_assemble(p, max_len, i) for i, p in enumerate(parts)]
+  return [_assemble(p, max_len, i, loss_on=loss_on) for i, p in enumerate(parts)]
 
 
 def encode_example(tokenizer, prompt: str, response: str, *, chat_template: bool, max_len: int,
-                   system_prompt: str | None = None) -> Encoded:
+                   system_prompt: str | None = None, loss_on: LossOn = "response") -> Encoded:
   """Token ids and the token mask of one prompt/response pair.
 
   With ``chat_template`` (and a tokenizer that has one; otherwise the plain format below is used):
-  the prompt is ``apply_chat_template([user], add_generation_prompt=True)``
-  and the full sequence the conversation with the assistant message; the prompt tokens must be a
-  prefix of the full tokens (else ValueError). The mask covers the response tokens and the first
+  the prompt is ``apply_chat_template([user], add_generation_prompt=True)`` and the full sequence
+  the conversation with the assistant message. When the prompt's tokens are a prefix of the full
+  sequence's tokens, the response span is what follows them; otherwise (a token merged across the
+  boundary, e.g. a generation prompt ending in a space) the full sequence is the concatenation
+  ``tokens(prompt text) + tokens(rest of the conversation text)``; a template whose prompt text is
+  not a prefix of the conversation text raises ValueError. The mask covers the response tokens and the first
   special token after them (the end-of-turn, e.g. ``<|im_end|>``); template tokens after it (a
   trailing newline) are dropped. ``system_prompt=None`` keeps the template's default (SmolLM2's
   injects "You are a helpful AI assistant named SmolLM, trained by Hugging Face"); a string (even
@@ -691,11 +807,13 @@ def encode_example(tokenizer, prompt: str, response: str, *, chat_template: bool
   Too long prompts lose tokens from the left of their content (the template's header and generation
   prompt are kept); a response that does not fit ``max_len`` with one prompt token raises ValueError.
 
+  ``loss_on="all"`` trains on every token instead (template, prompt and response; all but the first).
+
   Returns: ids [L] int32 and token_mask [L] float32 with L <= max_len; token_mask[i] = 1 if token i
   is trained on (predicted from token i-1).
   """
   return encode_examples(tokenizer, [Example(prompt, response)], chat_template=chat_template,
-                         max_len=max_len, system_prompt=system_prompt)[0]
+                         max_len=max_len, system_prompt=system_prompt, loss_on=loss_on)[0]
 
 
 def encode_texts(tokenizer, texts: Sequence[str], *, max_len: int) -> list[Encoded]:
@@ -731,15 +849,16 @@ def encode_text(tokenizer, text: str, *, max_len: int) -> list[Encoded]:
 
 
 def encode_task_examples(tokenizer, examples: Sequence[AnyExample], *, max_len: int, chat_template: bool,
-                         system_prompt: str | None = None) -> list[Encoded]:
-  """Examples -> encoded pieces (prompt/response pairs or chunked texts)."""
+                         system_prompt: str | None = None, loss_on: LossOn = "response") -> list[Encoded]:
+  """Examples -> encoded pieces (prompt/response pairs or chunked texts; texts train on every token
+  whatever ``loss_on`` says)."""
   if not examples:
     raise ValueError("No examples to encode.")
   if all(isinstance(e, TextExample) for e in examples):
     return encode_texts(tokenizer, [e.text for e in examples], max_len=max_len)
   if all(isinstance(e, Example) for e in examples):
     return encode_examples(tokenizer, examples, chat_template=chat_template, max_len=max_len,
-                           system_prompt=system_prompt)
+                           system_prompt=system_prompt, loss_on=loss_on)
   raise ValueError("Examples must be all Example or all TextExample.")
 
 
@@ -822,7 +941,8 @@ def pack_rows(encoded: Sequence[Encoded], seq_len: int, pad_id: int = 0) -> dict
 def build_dataset(task_examples: Task | Sequence[AnyExample], *args, **kwargs) -> dict[str, np.ndarray]:
   """Examples -> the ARRAY_KEYS arrays [N, T=seq_len] (padded: one example per row; packed: several).
 
-  ``build_dataset(examples, tokenizer, seq_len, packing=False, chat_template=True, system_prompt=None)``;
+  ``build_dataset(examples, tokenizer, seq_len, packing=False, chat_template=True, system_prompt=None,
+  loss_on="response")``;
   ``build_dataset(task, examples, tokenizer, seq_len, ...)`` is accepted too (the task is not needed).
   Prompt/response examples are encoded with :func:`encode_examples`, texts with :func:`encode_texts`
   (chunked to ``seq_len``). Padding uses :func:`pad_token_id`.
@@ -835,9 +955,10 @@ def build_dataset(task_examples: Task | Sequence[AnyExample], *args, **kwargs) -
 
 
 def _build_dataset(examples: Sequence[AnyExample], tokenizer, seq_len: int, packing: bool = False,
-                   chat_template: bool = True, system_prompt: str | None = None) -> dict[str, np.ndarray]:
+                   chat_template: bool = True, system_prompt: str | None = None,
+                   loss_on: LossOn = "response") -> dict[str, np.ndarray]:
   encoded = encode_task_examples(tokenizer, examples, max_len=seq_len, chat_template=chat_template,
-                                 system_prompt=system_prompt)
+                                 system_prompt=system_prompt, loss_on=loss_on)
   pad = pad_token_id(tokenizer)
   return pack_rows(encoded, seq_len, pad) if packing else pad_batch(encoded, seq_len, pad)
 
@@ -848,24 +969,28 @@ def _build_dataset(examples: Sequence[AnyExample], tokenizer, seq_len: int, pack
 
 
 class BatchIterator:
-  """Infinite, resumable batches of rows of ``arrays`` (dict of [N, ...] numpy arrays).
+  """Infinite, resumable, deterministic batches of rows of ``arrays`` (dict of [N, ...] numpy arrays).
 
-  The row order is the concatenation of per-epoch orders; epoch ``e`` uses
-  ``default_rng([seed, e]).permutation(N)`` (``arange(N)`` without shuffle). Global batch ``b`` is
-  the next ``batch_size`` rows of that stream; a batch may straddle two epochs, so no row is
-  dropped and every batch has the same shape (also when N < batch_size).
+  Row order: epoch ``e`` visits the rows in ``default_rng([seed, e]).permutation(N)`` order
+  (``arange(N)`` with ``shuffle=False``); the same on every platform and every run.
 
-  Multi-process: every process builds the same stream; process ``p`` of ``P`` returns rows
-  ``[p*B/P, (p+1)*B/P)`` of each global batch (contiguous blocks in process order, as
-  ``jax.make_array_from_process_local_data`` expects for a batch axis sharded over processes).
-  ``batch_size`` is the global batch and must be divisible by ``process_count``.
+  * ``drop_last=False`` (default): global batch ``b`` is the next ``batch_size`` rows of the stream
+    of epoch orders laid end to end, so a batch may straddle two epochs: no row is ever skipped and
+    every batch is full (also when N < batch_size).
+  * ``drop_last=True``: every epoch yields ``N // batch_size`` batches and skips the
+    ``N % batch_size`` rows its permutation puts last (other rows each epoch); needs N >= batch_size.
 
-  ``state()`` is the position of the next batch, ``{"epoch": e, "position": i}`` (i = rows of epoch
-  e already consumed); ``restore(state)`` continues from there with identical batches.
+  Multi-process (``process_count`` P > 1, or :meth:`shard`): every process computes the same global
+  batches and returns only its contiguous block: process ``p`` gets rows ``[p*B/P, (p+1)*B/P)`` of
+  each global batch of ``batch_size`` B rows, as ``jax.make_array_from_process_local_data`` expects
+  for a batch axis sharded over processes in process order. B must be divisible by P.
+
+  ``state()`` is the position of the next global batch, ``{"epoch": e, "position": i}`` (rows of
+  epoch e consumed), the same on every process; ``restore(state)`` continues with identical batches.
   """
 
   def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int = 0, shuffle: bool = True,
-               *, process_index: int = 0, process_count: int = 1):
+               drop_last: bool = False, *, process_index: int = 0, process_count: int = 1):
     sizes = {len(v) for v in arrays.values()}
     if len(sizes) != 1:
       raise ValueError(f"Arrays have different numbers of rows: { {k: len(v) for k, v in arrays.items()} }.")
@@ -876,17 +1001,29 @@ class BatchIterator:
       raise ValueError(f"batch_size={batch_size} must be positive and divisible by process_count={process_count}.")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
+    if drop_last and batch_size > self.num_rows:
+      raise ValueError(f"drop_last=True needs at least batch_size={batch_size} rows, got {self.num_rows}; "
+                       "use drop_last=False.")
     self.arrays = dict(arrays)
     self.batch_size = batch_size
     self.local_batch_size = batch_size // process_count
     self.seed = seed
     self.shuffle = shuffle
+    self.drop_last = drop_last
     self.process_index = process_index
     self.process_count = process_count
     self._epoch = 0
     self._position = 0
     self._order_epoch = -1
     self._order = np.arange(self.num_rows)
+
+  def shard(self, process_index: int, process_count: int) -> BatchIterator:
+    """A new iterator over the same rows, order and state that returns process ``process_index``'s
+    block of every global batch (see the class docstring)."""
+    it = BatchIterator(self.arrays, self.batch_size, self.seed, self.shuffle, self.drop_last,
+                       process_index=process_index, process_count=process_count)
+    it.restore(self.state())
+    return it
 
   def _epoch_order(self, epoch: int) -> np.ndarray:
     if epoch != self._order_epoch:
@@ -897,15 +1034,24 @@ class BatchIterator:
 
   @property
   def batches_per_epoch(self) -> float:
+    """Global batches per epoch (an integer with drop_last=True)."""
+    if self.drop_last:
+      return float(self.num_rows // self.batch_size)
     return self.num_rows / self.batch_size
 
   def state(self) -> dict[str, int]:
+    """``{"epoch": e, "position": i}``: where the next global batch starts."""
     return {"epoch": int(self._epoch), "position": int(self._position)}
 
   def restore(self, state: Mapping[str, int]) -> None:
+    """Continue from a :meth:`state` (of an iterator with the same rows, batch size, seed, shuffle
+    and drop_last)."""
     epoch, position = int(state["epoch"]), int(state["position"])
     if epoch < 0 or not 0 <= position < self.num_rows:
       raise ValueError(f"Bad iterator state {dict(state)} for {self.num_rows} rows.")
+    if self.drop_last and (position % self.batch_size or position + self.batch_size > self.num_rows):
+      raise ValueError(f"Bad iterator state {dict(state)}: with drop_last=True the position is a multiple of "
+                       f"batch_size={self.batch_size} below {self.num_rows - self.batch_size + 1}.")
     self._epoch, self._position = epoch, position
 
   def next_global_indices(self) -> np.ndarray:
@@ -917,7 +1063,8 @@ class BatchIterator:
       parts.append(take)
       need -= len(take)
       self._position += len(take)
-      if self._position == self.num_rows:
+      if self._position == self.num_rows or (
+          self.drop_last and self._position + self.batch_size > self.num_rows):
         self._epoch, self._position = self._epoch + 1, 0
     return np.concatenate(parts)
 
@@ -951,6 +1098,60 @@ def label_choice_batch(tokenizer, prompts: Sequence[str], labels: Sequence[str],
                         chat_template=chat_template, system_prompt=system_prompt)
   encoded = [_assemble(p, seq_len, i, with_end=False) for i, p in enumerate(parts)]
   return pad_batch(encoded, seq_len, pad_token_id(tokenizer))
+
+
+def label_scoring_batches(examples: Sequence[Example | str], tokenizer, labels: Sequence[str], *, seq_len: int,
+                          batch_size: int, chat_template: bool = True,
+                          system_prompt: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Fixed-shape batches of the :func:`label_choice_batch` rows (one per example and label) of the
+  examples' prompts (an :class:`Example` or the prompt string itself).
+
+  Yields dicts of the ARRAY_KEYS arrays [B, T] (B = ``batch_size``, T = ``seq_len``) plus
+  ``example_index`` [B] int32 and ``label_index`` [B] int32 naming each row's (example, label);
+  the last batch is filled with padding rows (pad ids, all masks 0, both indices -1). The trainer
+  computes a score per row, ``sum_t log p(targets[t]) * loss_mask[t]``, gathers the scores into
+  [N, K] with :func:`label_score_matrix` and predicts ``argmax`` over K.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  prompts = [e.prompt if isinstance(e, Example) else e for e in examples]
+  rows = label_choice_batch(tokenizer, prompts, labels, chat_template=chat_template, seq_len=seq_len,
+                            system_prompt=system_prompt)
+  k = len(labels)
+  rows["example_index"] = np.repeat(np.arange(len(prompts), dtype=np.int32), k)
+  rows["label_index"] = np.tile(np.arange(k, dtype=np.int32), len(prompts))
+  total = len(rows["input_ids"])
+  pad_id = pad_token_id(tokenizer)
+  for start in range(0, total, batch_size):
+    chunk = {key: v[start:start + batch_size] for key, v in rows.items()}
+    missing = batch_size - len(chunk["input_ids"])
+    if missing:
+      filler = _empty_rows(missing, seq_len, pad_id)
+      filler["example_index"] = np.full(missing, -1, np.int32)
+      filler["label_index"] = np.full(missing, -1, np.int32)
+      chunk = {key: np.concatenate([v, filler[key]]) for key, v in chunk.items()}
+    yield chunk
+
+
+def label_score_matrix(example_index: np.ndarray, label_index: np.ndarray, row_scores: np.ndarray,
+                       num_examples: int, num_labels: int) -> np.ndarray:
+  """Row scores [M] (with their ``example_index`` / ``label_index`` [M] from
+  :func:`label_scoring_batches`, rows with index -1 ignored) -> scores [num_examples, num_labels]
+  float64. Every (example, label) must be scored exactly once."""
+  example_index = np.asarray(example_index).reshape(-1)
+  label_index = np.asarray(label_index).reshape(-1)
+  row_scores = np.asarray(row_scores, np.float64).reshape(-1)
+  if not len(example_index) == len(label_index) == len(row_scores):
+    raise ValueError("example_index, label_index and row_scores must have the same length.")
+  keep = example_index >= 0
+  e, l, v = example_index[keep], label_index[keep], row_scores[keep]
+  seen = np.zeros((num_examples, num_labels), np.int64)
+  np.add.at(seen, (e, l), 1)
+  if not (seen == 1).all():
+    raise ValueError(f"Every (example, label) must be scored once; counts range {seen.min()}..{seen.max()}.")
+  out = np.empty((num_examples, num_labels), np.float64)
+  out[e, l] = v
+  return out
 
 
 def label_token_ids(tokenizer, labels: Sequence[str], *, chat_template: bool,
