@@ -1,0 +1,435 @@
+"""Training-step time of the project's Llama with LoRA / DoRA, through the public API.
+
+Each configuration builds a random-weight :class:`dora_jax.models.llama.Llama`,
+creates adapters with :func:`dora_jax.init_adapters`, runs the model through
+:func:`dora_jax.wrap` and trains them with optax AdamW in one jitted step
+(:func:`dora_jax.make_train_step`: forward, backward, optimizer update). The
+``frozen-forward`` method times the base model's jitted forward and loss only.
+One JSON line per configuration goes to stdout (and ``--out``)::
+
+  python -m bench.step_time --preset tiny --methods frozen-forward,lora,dora \\
+      --dora-paths factored,custom_vjp,merged --steps 20 --out results.jsonl --plot steps.png
+
+By default each configuration runs in its own subprocess (``--no-isolate`` to
+stay in one), so peak memory (which only grows within a process) and compile
+caches belong to that configuration alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench import common
+from dora_jax.factored import DORA_PATHS
+
+METHODS = ("frozen-forward", "lora", "dora")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One benchmark configuration."""
+
+  preset: str = "tiny"
+  method: str = "dora"
+  dora_path: str | None = "factored"
+  batch: int = 4
+  seq: int = 256
+  rank: int = 16
+  targets: tuple[str, ...] = common.DEFAULT_TARGETS
+  dtype: str = "auto"
+  steps: int = 20
+  warmup: int = 3
+  scan: bool = True
+  remat: str = "none"
+  attention_impl: str = "auto"
+  seed: int = 0
+
+  @property
+  def label(self) -> str:
+    return f"dora[{self.dora_path}]" if self.method == "dora" else self.method
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self))
+
+  @classmethod
+  def from_json(cls, text: str) -> "Spec":
+    d = json.loads(text)
+    d["targets"] = tuple(d["targets"])
+    return cls(**d)
+
+
+# ---------------------------------------------------------------------------
+# Building and timing one configuration (imports JAX lazily: see bench.common)
+
+
+def resolve_dtype(name: str, platform: str) -> str:
+  """``auto`` is bfloat16 on accelerators and float32 on CPU (XLA:CPU bf16 matmuls are slow)."""
+  if name != "auto":
+    return name
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
+def resolve_attention(name: str, platform: str, dtype: str) -> str | None:
+  """``auto`` is cuDNN flash attention on GPU in 16-bit dtypes, else XLA's (``None``)."""
+  if name == "auto":
+    return "cudnn" if platform == "gpu" and dtype in ("bfloat16", "float16") else None
+  return None if name in ("xla", "none") else name
+
+
+def cross_entropy(logits, targets):
+  """Mean next-token cross-entropy over every position, float32."""
+  import jax
+  import jax.numpy as jnp
+
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+
+
+def adapted_matrices(adapters) -> list[common.AdaptedMatrix]:
+  """``[I, O]`` and stack count of every adapter (for the flop count)."""
+  import math
+
+  import jax
+
+  out = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(adapters):
+    if jax.tree_util.keystr(path[-1:]).strip("[]'\"") == "lora_a":
+      b_path = path[:-1]
+      *stack, i_dim, _ = leaf.shape
+      out.append((b_path, i_dim, math.prod(stack)))
+  o_dims = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(adapters):
+    if jax.tree_util.keystr(path[-1:]).strip("[]'\"") == "lora_b":
+      o_dims[path[:-1]] = leaf.shape[-1]
+  return [common.AdaptedMatrix(i, o_dims[p], n) for p, i, n in out]
+
+
+@functools.lru_cache(maxsize=2)
+def build_base(preset: str, dtype: str, scan: bool, remat: str, attention_impl: str | None,
+               batch: int, seq: int, seed: int):
+  """The model, its random-weight params (jit init) and a random batch; cached per process."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from dora_jax.models.llama import Llama
+
+  config = common.PRESETS[preset]
+  dt = jnp.dtype(dtype)
+  model = Llama(config, dtype=dt, param_dtype=dt, scan_layers=scan, remat=remat,
+                attention_impl=attention_impl)
+  k_init, k_ids, k_tg = jax.random.split(jax.random.key(seed), 3)
+  params = nn.unbox(jax.jit(model.init)(k_init, jnp.zeros((1, 8), jnp.int32))["params"])
+  ids = jax.random.randint(k_ids, (batch, seq), 0, config.vocab_size, jnp.int32)
+  targets = jax.random.randint(k_tg, (batch, seq), 0, config.vocab_size, jnp.int32)
+  return model, params, {"input_ids": ids, "targets": targets}
+
+
+def build_step(spec: Spec, dtype: str, attention_impl: str | None):
+  """The jitted function, its arguments and the flop count for ``spec``.
+
+  Returns:
+    ``(fn, args, next_args, flops, extra)``: ``fn(*args)`` is one step;
+    ``next_args(args, outputs)`` gives the next call's arguments (donated
+    adapters and optimizer state replaced by the new ones).
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import dora_jax
+
+  config = common.PRESETS[spec.preset]
+  model, params, batch = build_base(spec.preset, dtype, spec.scan, spec.remat, attention_impl,
+                                    spec.batch, spec.seq, spec.seed)
+
+  if spec.method == "frozen-forward":
+    def forward_loss(params, batch):
+      return cross_entropy(model.apply({"params": params}, batch["input_ids"]), batch["targets"])
+
+    fn = jax.jit(forward_loss)
+    flops = common.model_flops(config, spec.batch, spec.seq, train=False)
+    return fn, (params, batch), lambda args, out: args, flops, {"trainable_params": 0}
+
+  cfg = dora_jax.LoraConfig(r=spec.rank, lora_alpha=2.0 * spec.rank, target_modules=list(spec.targets),
+                            use_dora=spec.method == "dora")
+  layouts = dora_jax.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
+  init = jax.jit(lambda key, p: dora_jax.init_adapters(key, p, cfg, layouts=layouts))
+  adapters = init(jax.random.key(spec.seed + 1), params)
+  apply = dora_jax.wrap(model.apply, cfg, dora_path=spec.dora_path or "factored")
+
+  def loss_fn(params, adapters, batch, rng):
+    return cross_entropy(apply(params, adapters, batch["input_ids"]), batch["targets"])
+
+  tx = optax.adamw(1e-4, weight_decay=0.01, mask=dora_jax.weight_decay_mask)
+  opt_state = tx.init(adapters)
+  step = dora_jax.make_train_step(loss_fn, tx)
+  adapted = adapted_matrices(adapters)
+  flops = common.model_flops(config, spec.batch, spec.seq, train=True, rank=spec.rank, adapted=adapted,
+                             dora=spec.method == "dora")
+
+  def next_args(args, out):
+    new_adapters, new_state, _ = out
+    return (args[0], new_adapters, new_state, args[3], args[4])
+
+  extra = {"trainable_params": int(sum(x.size for x in jax.tree.leaves(adapters))),
+           "adapted_matrices": int(sum(m.count for m in adapted))}
+  return step, (params, adapters, opt_state, batch, jax.random.key(spec.seed + 2)), next_args, flops, extra
+
+
+def memory_analysis(compiled) -> dict[str, int] | None:
+  """XLA's static buffer sizes for the compiled step (bytes), when the backend reports them."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return None
+  if m is None:
+    return None
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+  return {f.replace("_size_in_bytes", "_bytes"): int(getattr(m, f, 0)) for f in fields}
+
+
+def peak_memory(device) -> dict[str, Any]:
+  """Peak device memory on accelerators; the process's max RSS on CPU (labelled)."""
+  stats = None
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001
+    stats = None
+  if stats and "peak_bytes_in_use" in stats:
+    return {"peak_bytes": int(stats["peak_bytes_in_use"]), "kind": "device peak_bytes_in_use"}
+  return {"peak_bytes": common.process_max_rss_bytes(),
+          "kind": "process max RSS (CPU: host memory of the whole process, runtime included)"}
+
+
+def versions() -> dict[str, str]:
+  import flax
+  import jax
+  import jaxlib
+  import optax
+
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+          "optax": optax.__version__}
+
+
+def run_one(spec: Spec) -> dict[str, Any]:
+  """Compiles, warms up and times one configuration; returns its JSON record."""
+  import jax
+
+  device = jax.devices()[0]
+  dtype = resolve_dtype(spec.dtype, device.platform)
+  attention_impl = resolve_attention(spec.attention_impl, device.platform, dtype)
+  fn, args, next_args, flops, extra = build_step(spec, dtype, attention_impl)
+
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+
+  out = None
+  for _ in range(max(spec.warmup, 1)):
+    out = jax.block_until_ready(compiled(*args))
+    args = next_args(args, out)
+  times = []
+  for _ in range(spec.steps):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+    args = next_args(args, out)
+  loss = out if spec.method == "frozen-forward" else out[2]["loss"]
+
+  stats = common.time_stats(times)
+  tokens = spec.batch * spec.seq
+  median_s = stats["median_ms"] / 1e3
+  peak = common.peak_flops(device.device_kind, dtype)
+  record = {
+      "bench": "step_time", "label": spec.label, "method": spec.method,
+      "dora_path": spec.dora_path if spec.method == "dora" else None,
+      "preset": spec.preset, "batch": spec.batch, "seq": spec.seq, "tokens_per_step": tokens,
+      "rank": None if spec.method == "frozen-forward" else spec.rank,
+      "targets": None if spec.method == "frozen-forward" else list(spec.targets),
+      "dtype": dtype, "scan": spec.scan, "remat": spec.remat, "attention_impl": attention_impl,
+      "steps": spec.steps, "warmup": max(spec.warmup, 1),
+      "median_ms": stats["median_ms"], "step_time": stats,
+      "tokens_per_s": tokens / median_s,
+      "flops_per_step": flops["total"], "flops": flops, "flops_note": common.FLOPS_NOTE,
+      "peak_flops_per_s": peak, "mfu": None if peak is None else flops["total"] / median_s / peak,
+      "memory": {**peak_memory(device), "xla": memory_analysis(compiled)},
+      "compile_s": compile_s, "final_loss": float(loss), **extra,
+      "device_kind": device.device_kind, "platform": device.platform,
+      "device_count": jax.device_count(), **versions(), "date": common.utc_now(),
+      "host": common.host_info(),
+  }
+  return common.json_ready(record)
+
+
+# ---------------------------------------------------------------------------
+# Many configurations, optionally one subprocess each
+
+
+def run_isolated(spec: Spec, timeout_s: float | None = None) -> dict[str, Any]:
+  """Runs ``spec`` in a fresh Python process; a failure becomes an ``error`` record."""
+  cmd = [sys.executable, "-m", "bench.step_time", "--spec-json", spec.to_json()]
+  try:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env)
+  except subprocess.TimeoutExpired:
+    return error_record(spec, f"timed out after {timeout_s} s")
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return error_record(spec, f"exit {proc.returncode}: " + " | ".join(tail))
+  return json.loads(lines[-1])
+
+
+def error_record(spec: Spec, message: str) -> dict[str, Any]:
+  return {"bench": "step_time", "label": spec.label, "method": spec.method,
+          "dora_path": spec.dora_path, "preset": spec.preset, "batch": spec.batch, "seq": spec.seq,
+          "rank": spec.rank, "dtype": spec.dtype, "error": message, "date": common.utc_now()}
+
+
+def expand_specs(base: Spec, methods: Sequence[str], dora_paths: Sequence[str]) -> list[Spec]:
+  """One spec per method, one per DoRA path for ``dora``; LoRA runs before DoRA (for the ratio)."""
+  specs = []
+  for method in sorted(methods, key=METHODS.index):
+    if method == "dora":
+      specs += [dataclasses.replace(base, method="dora", dora_path=p) for p in dora_paths]
+    else:
+      specs.append(dataclasses.replace(base, method=method, dora_path=None))
+  return specs
+
+
+def add_ratios(record: dict[str, Any], lora: dict[str, Any] | None,
+               frozen: dict[str, Any] | None) -> dict[str, Any]:
+  """DoRA/LoRA and method/frozen-forward step-time ratios from the same run."""
+  med = record.get("median_ms")
+  if record.get("method") == "dora":
+    record["dora_lora_ratio"] = common.ratio(med, (lora or {}).get("median_ms"))
+  if record.get("method") in ("lora", "dora"):
+    record["ratio_to_frozen_forward"] = common.ratio(med, (frozen or {}).get("median_ms"))
+  return record
+
+
+def run_all(specs: Sequence[Spec], *, isolate: bool, out_path: str | None = None,
+            timeout_s: float | None = None, stream=sys.stdout) -> list[dict[str, Any]]:
+  """Runs every spec, printing (and appending to ``out_path``) one JSON line each."""
+  results, lora, frozen = [], None, None
+  for spec in specs:
+    if isolate:
+      rec = run_isolated(spec, timeout_s)
+    else:
+      try:
+        rec = run_one(spec)
+      except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
+        rec = error_record(spec, f"{type(e).__name__}: {e}"[:2000])
+    if rec.get("method") == "lora" and "error" not in rec:
+      lora = rec
+    if rec.get("method") == "frozen-forward" and "error" not in rec:
+      frozen = rec
+    rec = add_ratios(rec, lora, frozen)
+    line = json.dumps(rec)
+    print(line, file=stream, flush=True)
+    if out_path:
+      with open(out_path, "a") as f:
+        f.write(line + "\n")
+    results.append(rec)
+  return results
+
+
+def plot(results: Sequence[dict[str, Any]], path: str) -> None:
+  """Bar chart of median step time per method (p10–p90 whiskers), DoRA/LoRA ratios annotated."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  ok = [r for r in results if "error" not in r]
+  if not ok:
+    raise ValueError("No successful results to plot.")
+  labels = [r["label"] for r in ok]
+  med = [r["median_ms"] for r in ok]
+  lo = [r["median_ms"] - r["step_time"]["p10_ms"] for r in ok]
+  hi = [r["step_time"]["p90_ms"] - r["median_ms"] for r in ok]
+  colors = ["#999999" if r["method"] == "frozen-forward" else "#4c72b0" if r["method"] == "lora"
+            else "#dd8452" for r in ok]
+  fig, ax = plt.subplots(figsize=(1.6 * len(ok) + 2, 4.2))
+  bars = ax.bar(labels, med, yerr=[lo, hi], capsize=4, color=colors)
+  for bar, r in zip(bars, ok):
+    text = f"{r['median_ms']:.1f} ms"
+    if r.get("dora_lora_ratio"):
+      text += f"\n{r['dora_lora_ratio']:.2f}x LoRA"
+    ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+  first = ok[0]
+  ax.set_ylabel("step time, median (ms)")
+  ax.set_title(f"{first['preset']}: batch {first['batch']} x seq {first['seq']}, {first['dtype']},"
+               f" {first['device_kind']}", fontsize=9)
+  ax.margins(y=0.2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m bench.step_time", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default="tiny", choices=sorted(common.PRESETS))
+  p.add_argument("--methods", default="frozen-forward,lora,dora",
+                 help=f"comma list of {', '.join(METHODS)}")
+  p.add_argument("--dora-paths", default=",".join(DORA_PATHS),
+                 help=f"DoRA execution paths to time (dora_jax.wrap's dora_path): {', '.join(DORA_PATHS)}")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--targets", default=",".join(common.DEFAULT_TARGETS), help="comma list of module names")
+  p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU/TPU, float32 on CPU), bfloat16, float32")
+  p.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation (at least 1)")
+  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="nn.scan the layers")
+  p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  p.add_argument("--attention-impl", default="auto", help="auto (cudnn on GPU in bf16), xla, cudnn")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                 help="one subprocess per configuration (per-configuration peak memory)")
+  p.add_argument("--timeout", type=float, default=None, help="seconds per isolated configuration")
+  p.add_argument("--out", default=None, help="append the JSON lines to this file")
+  p.add_argument("--plot", default=None, help="write a PNG bar chart here")
+  p.add_argument("--spec-json", default=None, help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  args = parse_args(argv)
+  if args.spec_json:  # a child of run_isolated
+    print(json.dumps(run_one(Spec.from_json(args.spec_json))), flush=True)
+    return []
+  methods = common.parse_list(args.methods)
+  paths = common.parse_list(args.dora_paths)
+  bad = [m for m in methods if m not in METHODS] + [p for p in paths if p not in DORA_PATHS]
+  if bad:
+    raise SystemExit(f"Unknown methods / DoRA paths {bad}; methods: {METHODS}, paths: {DORA_PATHS}.")
+  base = Spec(preset=args.preset, batch=args.batch, seq=args.seq, rank=args.rank,
+              targets=common.parse_list(args.targets), dtype=args.dtype, steps=args.steps,
+              warmup=args.warmup, scan=args.scan, remat=args.remat,
+              attention_impl=args.attention_impl, seed=args.seed)
+  results = run_all(expand_specs(base, methods, paths), isolate=args.isolate, out_path=args.out,
+                    timeout_s=args.timeout)
+  if args.plot:
+    plot(results, args.plot)
+  return results
+
+
+if __name__ == "__main__":
+  main()

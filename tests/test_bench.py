@@ -1,0 +1,81 @@
+"""Smoke tests of the benchmarks: they run on the tiny preset and print the promised JSON fields.
+
+No timing is asserted: a 2-core CI machine measures nothing meaningful in 2 steps.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import common, step_time
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECORD_FIELDS = {
+    "method", "dora_path", "preset", "batch", "seq", "rank", "targets", "dtype", "median_ms",
+    "step_time", "tokens_per_s", "flops_per_step", "flops_note", "mfu", "memory", "compile_s",
+    "device_kind", "jax", "flax", "date",
+}
+
+
+def test_step_time_tiny_prints_json_lines(tmp_path):
+  out = tmp_path / "r.jsonl"
+  png = tmp_path / "r.png"
+  argv = ["--preset", "tiny", "--methods", "frozen-forward,lora,dora", "--dora-paths", "custom_vjp",
+          "--targets", "q_proj,v_proj", "--rank", "4", "--batch", "1", "--seq", "16", "--steps", "2",
+          "--warmup", "1", "--no-isolate", "--out", str(out), "--plot", str(png)]
+  # The CLI in a fresh process; XLA's backend optimizations off make the 3 compiles ~2x faster.
+  env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-m", "bench.step_time", *argv], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert [r["label"] for r in results] == ["frozen-forward", "lora", "dora[custom_vjp]"]
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  assert lines == results
+  for r in results:
+    assert "error" not in r, r.get("error")
+    assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
+    st = r["step_time"]
+    assert st["n"] == 2 and st["p10_ms"] <= st["median_ms"] <= st["p90_ms"]
+    assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 and r["compile_s"] > 0
+    assert r["memory"]["peak_bytes"] > 0 and r["memory"]["kind"]
+    assert r["final_loss"] == pytest.approx(r["final_loss"])  # finite
+  frozen, lora, dora = results
+  assert frozen["flops"]["backward"] == 0 and lora["flops"]["backward"] > 0
+  assert dora["flops"]["dora_norm"] > 0 and lora["flops"]["dora_norm"] == 0
+  assert dora["dora_lora_ratio"] == pytest.approx(dora["median_ms"] / lora["median_ms"], rel=1e-3)
+  assert lora["targets"] == ["q_proj", "v_proj"] and lora["rank"] == 4
+  assert png.stat().st_size > 1000
+
+
+def test_flop_count_matches_hand_count():
+  c = common.PRESETS["tiny"]
+  adapted = [common.AdaptedMatrix(256, 256, 4)]
+  f = common.model_flops(c, 2, 8, train=True, rank=4, adapted=adapted, dora=True)
+  dense = 2 * (c.num_params() - 0)  # tied embedding: the LM head is the embedding matmul
+  attn = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * 8
+  adapter = 2 * 4 * (256 + 256) * 4
+  assert f["forward"] == 16 * (dense + attn + adapter)
+  assert f["backward"] == 16 * (dense + 2 * attn + 2 * adapter)
+  assert f["dora_norm"] == 2 * 256 * 256 * 4 * 4
+  assert common.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+  assert common.peak_flops("cpu", "float32") is None
+
+
+def test_error_records_do_not_stop_the_run(monkeypatch):
+  def boom(spec):
+    raise RuntimeError("out of memory")
+
+  monkeypatch.setattr(step_time, "run_one", boom)
+  specs = step_time.expand_specs(step_time.Spec(), ["dora", "lora"], ["factored", "merged"])
+  assert [s.label for s in specs] == ["lora", "dora[factored]", "dora[merged]"]
+  buf = io.StringIO()
+  recs = step_time.run_all(specs, isolate=False, stream=buf)
+  assert all("out of memory" in r["error"] for r in recs) and len(buf.getvalue().splitlines()) == 3
