@@ -250,6 +250,17 @@ def test_split_deterministic_disjoint_stratified():
     D.split_examples(texts, 30, seed=0)
 
 
+def test_split_keeps_duplicates_out_of_train():
+  ex = [D.Example(f"p{i % 12}", "ab"[i % 12 % 2], i % 12 % 2) for i in range(30)]  # 12 distinct, repeated
+  for seed in range(5):
+    tr, ev = D.split_examples(ex, 4, seed=seed)
+    assert len(ev) == len(set(ev)) == 4 and not set(tr) & set(ev)
+    assert set(tr) | set(ev) == set(ex) and len(tr) == 30 - sum(ex.count(e) for e in ev)
+    assert np.array_equal(np.bincount([e.label_id for e in ev]), [2, 2])
+  with pytest.raises(ValueError, match="12 distinct"):
+    D.split_examples(ex, 12, seed=0)
+
+
 def test_split_fraction_and_majority_from_examples():
   ex = [D.Example(f"p{i}", "ab"[y], y) for i, y in enumerate([0] * 30 + [1] * 10)]
   tr, ev = D.split_examples(ex, 0.25, seed=0)
@@ -458,8 +469,13 @@ def test_bbc_news():
   assert max(len(t.split()) for t in texts) <= D.BBC_MAX_WORDS == 45
   assert max(len(t.split()) for t in
              (e.prompt for e in D.load_bbc_news(max_words=20).examples[:50])) <= 20 + 8
-  _, held = D.split_examples(task.examples, 400, seed=0)
-  assert len(held) == 400 and abs(np.bincount([e.label_id for e in held])[0] - 400 * 510 / 2225) <= 1
+  distinct = set(task.examples)
+  assert len(distinct) == 2_107  # 100 articles repeat whole, 18 more in their first 45 words
+  train, held = D.split_examples(task.examples, 400, seed=0)
+  assert len(held) == len(set(held)) == 400 and not set(train) & set(held)
+  d_counts = np.bincount([e.label_id for e in distinct])
+  assert np.abs(np.bincount([e.label_id for e in held]) - 400 * d_counts / len(distinct)).max() <= 1
+  assert len(train) == 2_225 - 400 - sum(task.examples.count(e) - 1 for e in held)
 
 
 def test_hamlet_and_fortunes(tmp_path):
