@@ -224,65 +224,105 @@ def versions() -> dict[str, str]:
           "optax": optax.__version__}
 
 
+class Prepared:
+  """A compiled, warmed-up configuration that times one step per :meth:`step` call."""
+
+  def __init__(self, spec: Spec):
+    import jax
+
+    self.spec = spec
+    self.device = jax.devices()[0]
+    self.dtype = resolve_dtype(spec.dtype, self.device.platform)
+    self.attention_impl = resolve_attention(spec.attention_impl, self.device.platform, self.dtype)
+    fn, self.args, self.next_args, self.flops, self.extra = build_step(spec, self.dtype,
+                                                                       self.attention_impl)
+    t0 = time.perf_counter()
+    self.compiled = fn.lower(*self.args).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.out = None
+    self.times: list[float] = []
+    for _ in range(max(spec.warmup, 1)):
+      self._call()
+
+  def _call(self) -> float:
+    import jax
+
+    t0 = time.perf_counter()
+    self.out = jax.block_until_ready(self.compiled(*self.args))
+    elapsed = time.perf_counter() - t0
+    self.args = self.next_args(self.args, self.out)
+    return elapsed
+
+  def step(self) -> None:
+    """Runs and times one step."""
+    self.times.append(self._call())
+
+  def record(self, memory_kind_note: str = "") -> dict[str, Any]:
+    """The JSON record of the steps timed so far."""
+    import jax
+
+    spec, device, dtype = self.spec, self.device, self.dtype
+    loss = self.out if spec.method == "frozen-forward" else self.out[2]["loss"]
+    stats = common.time_stats(self.times)
+    tokens = spec.batch * spec.seq
+    median_s = stats["median_ms"] / 1e3
+    peak = common.peak_flops(device.device_kind, dtype)
+    memory = peak_memory(device)
+    memory["kind"] += memory_kind_note
+    record = {
+        "bench": "step_time", "label": spec.label, "method": spec.method,
+        "dora_path": spec.dora_path if spec.method == "dora" else None,
+        "preset": spec.preset, "batch": spec.batch, "seq": spec.seq, "tokens_per_step": tokens,
+        "rank": None if spec.method == "frozen-forward" else spec.rank,
+        "targets": None if spec.method == "frozen-forward" else list(spec.targets),
+        "dtype": dtype, "scan": spec.scan, "remat": spec.remat, "attention_impl": self.attention_impl,
+        "steps": len(self.times), "warmup": max(spec.warmup, 1),
+        "median_ms": stats["median_ms"], "step_time": stats,
+        "tokens_per_s": tokens / median_s,
+        "flops_per_step": self.flops["total"], "flops": self.flops, "flops_note": common.FLOPS_NOTE,
+        "peak_flops_per_s": peak, "mfu": None if peak is None else self.flops["total"] / median_s / peak,
+        "memory": {**memory, "xla": memory_analysis(self.compiled)},
+        "compile_s": self.compile_s, "final_loss": float(loss), **self.extra,
+        "device_kind": device.device_kind, "platform": device.platform,
+        "device_count": jax.device_count(), **versions(), "date": common.utc_now(),
+        "host": common.host_info(),
+    }
+    return common.json_ready(record)
+
+
 def run_one(spec: Spec) -> dict[str, Any]:
   """Compiles, warms up and times one configuration; returns its JSON record."""
-  import jax
-
-  device = jax.devices()[0]
-  dtype = resolve_dtype(spec.dtype, device.platform)
-  attention_impl = resolve_attention(spec.attention_impl, device.platform, dtype)
-  fn, args, next_args, flops, extra = build_step(spec, dtype, attention_impl)
-
-  t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  compile_s = time.perf_counter() - t0
-
-  out = None
-  for _ in range(max(spec.warmup, 1)):
-    out = jax.block_until_ready(compiled(*args))
-    args = next_args(args, out)
-  times = []
+  prepared = Prepared(spec)
   for _ in range(spec.steps):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-    args = next_args(args, out)
-  loss = out if spec.method == "frozen-forward" else out[2]["loss"]
+    prepared.step()
+  return prepared.record()
 
-  stats = common.time_stats(times)
-  tokens = spec.batch * spec.seq
-  median_s = stats["median_ms"] / 1e3
-  peak = common.peak_flops(device.device_kind, dtype)
-  record = {
-      "bench": "step_time", "label": spec.label, "method": spec.method,
-      "dora_path": spec.dora_path if spec.method == "dora" else None,
-      "preset": spec.preset, "batch": spec.batch, "seq": spec.seq, "tokens_per_step": tokens,
-      "rank": None if spec.method == "frozen-forward" else spec.rank,
-      "targets": None if spec.method == "frozen-forward" else list(spec.targets),
-      "dtype": dtype, "scan": spec.scan, "remat": spec.remat, "attention_impl": attention_impl,
-      "steps": spec.steps, "warmup": max(spec.warmup, 1),
-      "median_ms": stats["median_ms"], "step_time": stats,
-      "tokens_per_s": tokens / median_s,
-      "flops_per_step": flops["total"], "flops": flops, "flops_note": common.FLOPS_NOTE,
-      "peak_flops_per_s": peak, "mfu": None if peak is None else flops["total"] / median_s / peak,
-      "memory": {**peak_memory(device), "xla": memory_analysis(compiled)},
-      "compile_s": compile_s, "final_loss": float(loss), **extra,
-      "device_kind": device.device_kind, "platform": device.platform,
-      "device_count": jax.device_count(), **versions(), "date": common.utc_now(),
-      "host": common.host_info(),
-  }
-  return common.json_ready(record)
+
+def run_interleaved(specs: Sequence[Spec]) -> list[dict[str, Any]]:
+  """Compiles every configuration in this process, then times them round-robin, one step each.
+
+  On a shared or throttling machine, load drifts over minutes; interleaving gives
+  every configuration the same conditions, so their ratios stay meaningful. The
+  process max RSS then covers all configurations together (labelled so).
+  """
+  prepared = [Prepared(s) for s in specs]
+  for _ in range(max(s.steps for s in specs)):
+    for p in prepared:
+      if len(p.times) < p.spec.steps:
+        p.step()
+  return [p.record(" [interleaved: all configurations of this run]") for p in prepared]
 
 
 # ---------------------------------------------------------------------------
 # Many configurations, optionally one subprocess each
 
 
-def run_isolated(spec: Spec, timeout_s: float | None = None) -> dict[str, Any]:
+def run_isolated(spec: Spec, timeout_s: float | None = None,
+                 extra_env: dict[str, str] | None = None) -> dict[str, Any]:
   """Runs ``spec`` in a fresh Python process; a failure becomes an ``error`` record."""
   cmd = [sys.executable, "-m", "bench.step_time", "--spec-json", spec.to_json()]
   try:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, **(extra_env or {}), "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env)
   except subprocess.TimeoutExpired:
@@ -317,17 +357,27 @@ def add_ratios(record: dict[str, Any], lora: dict[str, Any] | None,
   med = record.get("median_ms")
   if record.get("method") == "dora":
     record["dora_lora_ratio"] = common.ratio(med, (lora or {}).get("median_ms"))
+    # From the fastest steps: less sensitive to load spikes on a shared machine.
+    record["dora_lora_ratio_min"] = common.ratio((record.get("step_time") or {}).get("min_ms"),
+                                                 ((lora or {}).get("step_time") or {}).get("min_ms"))
   if record.get("method") in ("lora", "dora"):
     record["ratio_to_frozen_forward"] = common.ratio(med, (frozen or {}).get("median_ms"))
   return record
 
 
-def run_all(specs: Sequence[Spec], *, isolate: bool, out_path: str | None = None,
-            timeout_s: float | None = None, stream=sys.stdout) -> list[dict[str, Any]]:
-  """Runs every spec, printing (and appending to ``out_path``) one JSON line each."""
+def run_all(specs: Sequence[Spec], *, isolate: bool, interleave: bool = False,
+            out_path: str | None = None, timeout_s: float | None = None,
+            stream=sys.stdout) -> list[dict[str, Any]]:
+  """Runs every spec, printing (and appending to ``out_path``) one JSON line each.
+
+  ``interleave`` runs all of them in this process, round-robin (:func:`run_interleaved`).
+  """
   results, lora, frozen = [], None, None
+  done = iter(run_interleaved(specs)) if interleave else None
   for spec in specs:
-    if isolate:
+    if done is not None:
+      rec = next(done)
+    elif isolate:
       rec = run_isolated(spec, timeout_s)
     else:
       try:
@@ -403,6 +453,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                  help="one subprocess per configuration (per-configuration peak memory)")
+  p.add_argument("--interleave", action="store_true",
+                 help="compile all configurations in one process and time them round-robin"
+                      " (robust ratios on a loaded machine; peak RSS is then shared)")
   p.add_argument("--timeout", type=float, default=None, help="seconds per isolated configuration")
   p.add_argument("--out", default=None, help="append the JSON lines to this file")
   p.add_argument("--plot", default=None, help="write a PNG bar chart here")
@@ -424,8 +477,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
               targets=common.parse_list(args.targets), dtype=args.dtype, steps=args.steps,
               warmup=args.warmup, scan=args.scan, remat=args.remat,
               attention_impl=args.attention_impl, seed=args.seed)
-  results = run_all(expand_specs(base, methods, paths), isolate=args.isolate, out_path=args.out,
-                    timeout_s=args.timeout)
+  results = run_all(expand_specs(base, methods, paths), isolate=args.isolate,
+                    interleave=args.interleave, out_path=args.out, timeout_s=args.timeout)
   if args.plot:
     plot(results, args.plot)
   return results

@@ -79,3 +79,27 @@ def test_error_records_do_not_stop_the_run(monkeypatch):
   buf = io.StringIO()
   recs = step_time.run_all(specs, isolate=False, stream=buf)
   assert all("out of memory" in r["error"] for r in recs) and len(buf.getvalue().splitlines()) == 3
+
+
+def test_peft_compare_skips_cleanly_without_torch(monkeypatch, capsys):
+  from bench import peft_compare
+
+  monkeypatch.setattr(peft_compare, "missing_packages", lambda: ["peft"])
+  recs = peft_compare.main(["--preset", "tiny"])
+  assert recs[0]["skipped"].startswith("missing peft")
+  assert json.loads(capsys.readouterr().out.strip())["skipped"] == recs[0]["skipped"]
+
+
+def test_peft_compare_summary_ratios():
+  from bench import peft_compare
+
+  ours = [{"method": "lora", "label": "lora", "tokens_per_s": 200.0, "median_ms": 10.0},
+          {"method": "dora", "label": "dora[custom_vjp]", "tokens_per_s": 150.0, "median_ms": 12.0}]
+  theirs = [{"method": "lora", "mode": "eager", "tokens_per_s": 100.0, "median_ms": 20.0},
+            {"method": "dora", "mode": "eager", "tokens_per_s": 50.0, "median_ms": 30.0},
+            {"method": "dora", "mode": "compile", "error": "no compiler"}]
+  lora, dora = peft_compare.summaries(ours, theirs)
+  assert lora["ours_over_peft_tokens_per_s"] == {"lora/peft-eager": 2.0}
+  assert dora["ours_over_peft_tokens_per_s"] == {"dora[custom_vjp]/peft-eager": 3.0}
+  assert dora["dora_lora_ratio_ours"] == {"dora[custom_vjp]": 1.2}
+  assert dora["dora_lora_ratio_peft"] == {"eager": 1.5}
