@@ -108,6 +108,7 @@ def test_packed_segments_are_independent():
 
 
 def test_mask_shapes_and_config_roundtrip():
+  assert attention_mask(3, None, None) is None  # plain causal: is_causal=True
   m = attention_mask(3, jnp.array([[1, 1, 0]]), None)
   assert m.shape == (1, 1, 3, 3) and not bool(m[0, 0, 1, 2]) and bool(m[0, 0, 2, 2])
   assert LlamaConfig.from_hf(CFG.to_hf_dict()) == CFG

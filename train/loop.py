@@ -68,9 +68,17 @@ def with_loss_positions(arrays: dict[str, np.ndarray], k: int | None) -> dict[st
 class MetricsWriter:
   """``metrics.jsonl`` (one line per logged step) and optional TensorBoard."""
 
-  def __init__(self, out_dir: Path, tensorboard: bool, append: bool):
+  def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int):
+    """``resume_step``: keep the records up to this step (a resumed run), else start afresh."""
     self.path = out_dir / "metrics.jsonl"
-    self.fh = open(self.path, "a" if append else "w") if jax.process_index() == 0 else None
+    self.fh = None
+    if jax.process_index() == 0:
+      kept = []
+      if resume_step and self.path.exists():
+        kept = [l for l in self.path.read_text().splitlines()
+                if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      self.fh = open(self.path, "w")
+      self.fh.writelines(l + "\n" for l in kept)
     self.tb = None
     if tensorboard and jax.process_index() == 0:
       try:
@@ -252,7 +260,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
   say("before training: " + _fmt(before) + (f" (majority class {majority:.1%})" if majority else ""))
 
   # --- train
-  writer = MetricsWriter(out, cfg.tensorboard, append=start_step > 0)
+  writer = MetricsWriter(out, cfg.tensorboard, resume_step=start_step)
   bar = _progress(cfg.steps, start_step, cfg.progress)
   history: list[dict[str, Any]] = []
   intervals: list[dict[str, Any]] = list(previous.get("evals", []))
@@ -286,7 +294,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         writer.write({"step": step, **{f"eval_{k}" if not k.startswith("eval") else k: v for k, v in ev.items()}})
         bar.write(f"step {step}: " + _fmt(ev))
       ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng,
-                       "data_state": iterator.state()}, force=step == cfg.steps)
+                       "data_state": iterator.state()}, force=step in (cfg.steps, stop_at))
+  except KeyboardInterrupt:
+    done = step - 1 if any(x.is_deleted() for x in jax.tree.leaves(trainable)) else step
+    if done > start_step and done == step:
+      ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng,
+                       "data_state": iterator.state()}, force=True)
+      say(f"\ninterrupted: saved step {step} to {out / 'checkpoints'}; continue with --resume")
+    else:
+      say(f"\ninterrupted during step {step}; the latest checkpoint is step {ckpt.latest_step()}")
+    raise
   finally:
     bar.close()
     writer.close()

@@ -235,7 +235,9 @@ class Attention(nn.Module):
     inv_freq = rope_frequencies(c)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+    # mask None: plain causal attention (lets cuDNN skip the masked half).
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                       implementation=self.attention_impl)
     out = out.reshape(b, t, nh * hd)
     return _dense(c.hidden_size, ("heads", "embed"), "o_proj", self)(out)
 
@@ -284,7 +286,10 @@ _REMAT_POLICIES = {
 
 
 def attention_mask(t: int, attention_mask: Array | None, segment_ids: Array | None) -> Array:
-  """Boolean ``[B|1, 1, T, T]`` mask: causal, within a segment, not to padding."""
+  """Boolean ``[B|1, 1, T, T]`` mask: causal, within a segment, not to padding; ``None``
+  when there is neither padding nor packing (then attention is just causal)."""
+  if attention_mask is None and segment_ids is None:
+    return None
   causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
   mask = causal
   if segment_ids is not None:

@@ -1,0 +1,127 @@
+"""The trainer end to end on a tiny random Llama: learning, resume, export, errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import dora_jax
+from dora_jax.models import Llama, load_pretrained
+from train.config import build_parser, load_config, make_config
+from train.loop import run
+from train.modeling import load_base_model
+
+WORDS = ["good", "bad", "great", "awful", "fine", "boring", "moving", "dull"]
+
+
+def _label_file(tmp_path, n=96):
+  rng = np.random.default_rng(0)
+  rows = []
+  for i in range(n):
+    pos = i % 2 == 0
+    words = rng.choice(WORDS[0::2] if pos else WORDS[1::2], 3)
+    rows.append({"text": "the film is " + " ".join(words), "label": "positive" if pos else "negative"})
+  path = tmp_path / "sentiment.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return path
+
+
+def _cfg(tmp_path, out="run", **kw):
+  base = dict(model="tiny-random", task=str(_label_file(tmp_path)), steps=8, batch_size=8,
+              seq_len=32, eval_size=16, learning_rate=1e-2, warmup_steps=2, output_dir=str(tmp_path / out),
+              progress=False, rank=4, alpha=8.0, save_every=2, eval_batch_size=16)
+  base.update(kw)
+  return make_config(base)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """One uninterrupted DoRA run shared by the tests below."""
+  tmp = tmp_path_factory.mktemp("trainer")
+  cfg = _cfg(tmp, out="full", export="both")
+  return tmp, cfg, run(cfg)
+
+
+def test_dora_run_lowers_loss_and_writes_metrics(full_run):
+  tmp, cfg, summary = full_run
+  out = tmp / "full"
+  recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in recs] == list(range(1, cfg.steps + 1))
+  assert np.mean([r["loss"] for r in recs[-3:]]) < np.mean([r["loss"] for r in recs[:3]])
+  saved = json.loads((out / "metrics.json").read_text())
+  assert "accuracy" in saved["before"] and "accuracy" in saved["after"]
+  assert saved["trainable_params"] == summary["trainable_params"] > 0
+  assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_resume_gives_the_same_adapters_as_an_uninterrupted_run(full_run):
+  tmp, _, _ = full_run
+  part = _cfg(tmp, out="part", export="both", stop_after=3)
+  assert run(part)["stopped_at"] == 3
+  with pytest.raises(SystemExit, match="--resume"):  # never silently overwrite a run
+    run(_cfg(tmp, out="part", export="both"))
+  run(_cfg(tmp, out="part", export="both", resume=True))
+  a = load_file(str(tmp / "full" / "peft_adapter" / "adapter_model.safetensors"))
+  b = load_file(str(tmp / "part" / "peft_adapter" / "adapter_model.safetensors"))
+  assert a.keys() == b.keys() and len(a) > 0
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+  la = [json.loads(l)["loss"] for l in (tmp / "full" / "metrics.jsonl").read_text().splitlines()]
+  lb = [json.loads(l)["loss"] for l in (tmp / "part" / "metrics.jsonl").read_text().splitlines()]
+  np.testing.assert_allclose(la, lb, rtol=1e-6)
+  # A resume with other settings is refused, naming the field.
+  with pytest.raises(ValueError, match="rank"):
+    run(_cfg(tmp, out="part", resume=True, rank=2))
+
+
+def test_export_merged_reloads_equal_to_adapted_model(full_run):
+  tmp, cfg, _ = full_run
+  out = tmp / "full"
+  base = load_base_model(cfg)
+  adapters, lcfg = dora_jax.import_peft(out / "peft_adapter", base.params)
+  config, merged = load_pretrained(out / "merged")
+  assert config == base.config
+  model = Llama(config)
+  ids = jax.numpy.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 9)))
+  want = dora_jax.wrap(model.apply, lcfg)({"params": base.params}, adapters, ids)
+  got = model.apply({"params": merged}, ids)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(model.apply({"params": base.params}, ids), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", pytest.param("lora", marks=pytest.mark.slow)])
+def test_other_methods_run(tmp_path, method):
+  summary = run(_cfg(tmp_path, method=method, steps=2, grad_accum=2, save_every=0, eval_size=8))
+  assert np.isfinite(summary["final_loss"])
+
+
+def test_text_task_reports_perplexity(tmp_path):
+  path = tmp_path / "corpus.txt"
+  path.write_text("\n\n".join(f"the film is good and the film is great {i}" for i in range(40)))
+  summary = run(_cfg(tmp_path, task=str(path), steps=2, packing=True, eval_size=8, save_every=0))
+  assert summary["after"]["perplexity"] > 1.0
+
+
+def test_config_file_flags_and_errors(tmp_path):
+  toml = tmp_path / "c.toml"
+  toml.write_text('method = "lora"\nrank = 4\ntargets = ["q_proj", "v_proj"]\n')
+  cfg = load_config(["--config", str(toml), "--rank", "2", "--rslora"])
+  assert (cfg.method, cfg.rank, cfg.rslora, cfg.targets) == ("lora", 2, True, ("q_proj", "v_proj"))
+  helptext = build_parser().format_help()
+  for flag in ("--learning-rate", "--grad-accum", "--mesh", "--resume", "--packing"):
+    assert flag in helptext
+  with pytest.raises(ValueError, match="Unknown option"):
+    make_config({"lerning_rate": 1.0})
+  with pytest.raises(ValueError, match="multiple of grad_accum"):
+    make_config({"batch_size": 6, "grad_accum": 4})
+  with pytest.raises(ValueError, match="matches no module"):
+    run(_cfg(tmp_path, targets=("nonexistent_proj",)))
+
+
+def test_malformed_data_row_is_an_error_with_row_number(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"text": "good film", "label": "positive"}\n{"text": "bad film"}\n')
+  with pytest.raises(ValueError, match="row 2"):
+    run(_cfg(tmp_path, task=str(path)))
