@@ -53,6 +53,7 @@ class Spec:
   remat: str = "none"
   attention_impl: str = "auto"
   seed: int = 0
+  dump_hlo: str | None = None
 
   @property
   def label(self) -> str:
@@ -188,6 +189,18 @@ def build_step(spec: Spec, dtype: str, attention_impl: str | None):
   return step, (params, adapters, opt_state, batch, jax.random.key(spec.seed + 2)), next_args, flops, extra
 
 
+def dump_hlo(compiled, spec: Spec) -> str:
+  """Writes the optimized HLO of ``spec``'s step to ``spec.dump_hlo/<preset>-<label>.hlo.txt``.
+
+  For checking what XLA keeps: e.g. no ``f32[L,I,O]`` copy of the stacked bf16 kernels.
+  """
+  os.makedirs(spec.dump_hlo, exist_ok=True)
+  path = os.path.join(spec.dump_hlo, f"{spec.preset}-{spec.label.replace('[', '-').strip(']')}.hlo.txt")
+  with open(path, "w") as f:
+    f.write(compiled.as_text())
+  return path
+
+
 def memory_analysis(compiled) -> dict[str, int] | None:
   """XLA's static buffer sizes for the compiled step (bytes), when the backend reports them."""
   try:
@@ -239,6 +252,8 @@ class Prepared:
     t0 = time.perf_counter()
     self.compiled = fn.lower(*self.args).compile()
     self.compile_s = time.perf_counter() - t0
+    if spec.dump_hlo:
+      dump_hlo(self.compiled, spec)
     self.out = None
     self.times: list[float] = []
     for _ in range(max(spec.warmup, 1)):
@@ -451,6 +466,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
   p.add_argument("--attention-impl", default="auto", help="auto (cudnn on GPU in bf16), xla, cudnn")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dump-hlo", default=None, help="write each step's optimized HLO to this folder")
   p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                  help="one subprocess per configuration (per-configuration peak memory)")
   p.add_argument("--interleave", action="store_true",
@@ -476,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   base = Spec(preset=args.preset, batch=args.batch, seq=args.seq, rank=args.rank,
               targets=common.parse_list(args.targets), dtype=args.dtype, steps=args.steps,
               warmup=args.warmup, scan=args.scan, remat=args.remat,
-              attention_impl=args.attention_impl, seed=args.seed)
+              attention_impl=args.attention_impl, seed=args.seed, dump_hlo=args.dump_hlo)
   results = run_all(expand_specs(base, methods, paths), isolate=args.isolate,
                     interleave=args.interleave, out_path=args.out, timeout_s=args.timeout)
   if args.plot:
