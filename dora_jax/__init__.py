@@ -63,3 +63,21 @@ __all__ += [
     "save_adapters", "load_adapters", "TrainCheckpointer", "CheckpointMismatchError",
     "export_peft", "import_peft", "peft_module_name", "params_fingerprint",
 ]
+
+from dora_jax import sharding
+from dora_jax.sharding import (
+    adapter_shardings,
+    batch_sharding,
+    initialize_distributed,
+    make_mesh,
+    make_sharded_step,
+    opt_state_shardings,
+    param_shardings,
+    shard_batch,
+    use_mesh,
+)
+
+__all__ += [
+    "sharding", "make_mesh", "param_shardings", "adapter_shardings", "opt_state_shardings",
+    "batch_sharding", "shard_batch", "make_sharded_step", "use_mesh", "initialize_distributed",
+]
