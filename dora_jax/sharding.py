@@ -18,28 +18,31 @@ group whose first axis is unsharded is replicated.
 
 What the DoRA factored forward communicates with sharded kernels
 -----------------------------------------------------------------
-Per adapted layer (``W0: [I, O]``, ``x: [tokens, I]``; see :mod:`dora_jax.factored`),
-with the specs above, XLA's SPMD partitioner needs no full kernel on any device:
+Per adapted layer (``W0: [I, O]``, ``x: [tokens, I]``, rank ``r``; see
+:mod:`dora_jax.factored`), with the specs above, XLA's SPMD partitioner needs no full
+kernel on any device:
 
 - Output-sharded kernels (``q/k/v/gate/up_proj``: ``O`` on ``tensor``, Megatron
   column-parallel): ``AᵀW0`` ``[r, O]``, ``||W0||²_c`` ``[O]``, ``m``, ``B`` and ``g = m/n``
-  are all sharded like ``O``: the norm needs no communication. ``xA`` ``[tokens, r]``
-  is local when ``I`` is not sharded.
-- Input-sharded kernels (``o/down_proj``: ``I`` on ``tensor``, row-parallel, and every
-  kernel whose ``I`` is on ``fsdp``): ``AᵀW0`` ``[r, O]`` and ``||W0||²_c`` ``[O]`` are partial
-  sums over the input shards and are all-reduced (``r·O + O`` floats per layer, tiny
-  next to the ``I·O`` kernel; ``||W0||²_c`` is constant and can be cached, see
-  ``w0_norm_sq``); ``AᵀA`` ``[r, r]`` likewise. ``xA`` is a partial sum over the input
-  shards: one all-reduce of ``[tokens, r]``, the same pattern as the base matmul's own
-  ``[tokens, O]`` partial sums, ``r/O`` of its size.
-- ``g = m / n`` ``[O]`` lives sharded like the outputs and scales ``y`` sharded like the
-  outputs: no communication. In the backward, ``∇m`` is a sum over tokens (an
-  all-reduce over the batch axes, as for every gradient), ``∇A``/``∇B`` follow the
-  ``xA`` / ``(xA)ᵀdy`` products.
-- FSDP (``embed`` on ``fsdp``) is a storage layout: XLA may all-gather a kernel's
-  ``fsdp`` shards before a matmul as for any FSDP model; the adapter terms add only
-  the small all-reduces above. With ``tensor`` parallelism alone, no all-gather
-  produces a full kernel (``tests/test_sharding.py`` checks the compiled HLO).
+  are all sharded like ``O``: the norm needs no communication; ``xA`` ``[tokens, r]`` is
+  local when ``I`` is not sharded.
+- Input-sharded kernels (``o/down_proj``: ``I`` on ``tensor``, row-parallel; and every
+  kernel whose ``I`` is on ``fsdp``): ``AᵀW0`` ``[r, O]``, ``||W0||²_c`` ``[O]`` and ``AᵀA``
+  ``[r, r]`` are partial sums over the input shards and are all-reduced (``r·O + O + r²``
+  floats per layer, nothing next to the ``I·O`` kernel; ``||W0||²_c`` is constant and can
+  be cached, see ``w0_norm_sq``). ``xA`` is a partial sum over the input shards: one
+  all-reduce of ``[tokens, r]``, ``r/O`` of the base matmul's own ``[tokens, O]``
+  all-reduce. XLA fuses all of them into the layer's one all-reduce: the compiled
+  ``data=4,tensor=2`` forward of the test model has, per row-parallel layer, a single
+  all-reduce of ``(f32[r,r], f32[O], f32[r,O], f32[b,t,r], f32[b,t,O])``.
+- ``g = m / n`` ``[O]`` is sharded like the outputs and scales ``y`` sharded like the
+  outputs: no communication. In the backward, ``∇m`` is a sum over tokens (reduced over
+  the batch axes, as every gradient is); ``∇A``, ``∇B`` follow the ``xA``, ``(xA)ᵀdy``
+  products; the norm is detached, so it has no backward.
+- FSDP (``embed`` on ``fsdp``) is a storage layout: XLA all-gathers a kernel's ``fsdp``
+  shards before its matmul as for any FSDP model; the adapter terms add only the small
+  all-reduces above. With ``data`` and ``tensor`` axes alone no all-gather produces a
+  kernel in the whole train step (``tests/test_sharding.py`` checks the compiled HLO).
 
 The model's activation constraints (``nn.with_logical_constraint``) need the rules and
 the mesh in context while tracing: run jitted steps under :func:`use_mesh` (or build
