@@ -57,17 +57,18 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dora_jax import tree as tree_lib
-from dora_jax.config import ADAPTER_KEYS, LoraConfig
+from dora_jax.config import LoraConfig
 from dora_jax.models.llama import LOGICAL_AXIS_RULES
 
 Array = jax.Array
@@ -172,7 +173,7 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   try:
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-  except Exception:  # an unusual device set: plain order (processes stay contiguous)
+  except Exception:  # noqa: BLE001 - an unusual device set: plain order (processes stay contiguous)
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
 
 
@@ -606,7 +607,7 @@ def _detected_cluster_processes() -> int | None:
     for env in clusters.ClusterEnv._cluster_types:
       if not getattr(env, "opt_in_only_method", False) and env.is_env_present():
         return int(env.get_process_count())
-  except Exception:  # pragma: no cover - depends on the machine
+  except Exception:  # noqa: BLE001 - private API: any failure means 'not detected'
     return None
   return None
 

@@ -34,15 +34,15 @@ if MODE == "worker":  # must run before any other JAX call
   _PID, _PORT = int(sys.argv[2]), sys.argv[3]
   sh.initialize_distributed(f"127.0.0.1:{_PORT}", 2, _PID)
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import dora_jax  # noqa: E402
-from dora_jax import sharding as sh  # noqa: E402
-from dora_jax.models.llama import Llama, LlamaConfig  # noqa: E402
+import dora_jax
+from dora_jax import sharding as sh
+from dora_jax.models.llama import Llama, LlamaConfig
 
 # No two weights share a shape (the embedding is [128, 32], down_proj [64, 32]): the HLO
 # check tells kernels apart by shape.
@@ -99,8 +99,8 @@ def make_state(mesh, model: nn.Module, example, init_values=None):
   step = sh.make_sharded_step(make_step(model, tx), mesh,
                               in_shardings=(p_sh, a_sh, o_sh, sh.batch_sharding(mesh), rep),
                               out_shardings=(a_sh, o_sh, rep), donate_argnums=(1, 2))
-  return dict(params=params, p_sh=p_sh, adapters=adapters, a_sh=a_sh, opt_state=opt_state,
-              o_sh=o_sh, step=step)
+  return {"params": params, "p_sh": p_sh, "adapters": adapters, "a_sh": a_sh,
+          "opt_state": opt_state, "o_sh": o_sh, "step": step}
 
 
 def mesh_of(spec: str):
