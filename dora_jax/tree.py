@@ -58,9 +58,18 @@ class KernelLayout:
 # Walking trees
 
 
+def _strip(box: Any) -> Any:
+  value = box.value if hasattr(box, "value") else box.unbox()
+  return unbox(value)
+
+
 def unbox(tree: Any) -> Any:
-  """Strip Flax metadata boxes (``nn.Partitioned``, ``nn.LogicallyPartitioned``)."""
-  return meta.unbox(tree)
+  """Strip Flax metadata boxes (``nn.Partitioned``, ``nn.LogicallyPartitioned``).
+
+  Unlike ``flax.core.meta.unbox`` this applies no sharding constraint, so it also works on
+  abstract (``eval_shape``) and already-placed trees under an active mesh.
+  """
+  return meta.map_axis_meta(_strip, tree)
 
 
 def _is_module(node: Any) -> bool:

@@ -56,6 +56,9 @@ class TrainConfig:
   text_field: str = _field("text", "For a user file: the text column/key (text or text/label data).")
   label_field: str = _field("label", "For a user file: the label column/key (classification data).")
   chat_template: bool = _field(True, "Format examples with the tokenizer's chat template when it has one.")
+  system_prompt: str = _field(
+      "default", "System message for the chat template: 'default' keeps the template's own (SmolLM2's"
+      " costs 16 tokens per example), 'none' an empty system turn, anything else is used as is.")
   seq_len: int = _field(128, "Tokens per row; longer prompts are truncated from the left.")
   packing: bool = _field(False, "Pack several examples per row (segment-masked attention) instead of padding.")
   train_size: int = _field(0, "Use at most this many training examples (0 = all).")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -48,12 +47,17 @@ def lora_config(cfg: TrainConfig) -> dora_jax.LoraConfig | None:
       use_dora=cfg.method == "dora", use_rslora=cfg.rslora)
 
 
+def system_prompt(cfg: TrainConfig) -> str | None:
+  """The data pipeline's ``system_prompt``: None keeps the template's default."""
+  return {"default": None, "none": ""}.get(cfg.system_prompt, cfg.system_prompt)
+
+
 def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
   """The settings a resumed run must share with the one it continues."""
   keys = ("model", "dtype", "method", "targets", "rank", "alpha", "dropout", "rslora", "task",
           "seq_len", "packing", "train_size", "eval_size", "steps", "batch_size", "grad_accum",
           "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "seed",
-          "chat_template", "scan_layers")
+          "chat_template", "system_prompt", "scan_layers")
   d = cfg.to_dict()
   return {k: d[k] for k in keys}
 
@@ -108,16 +112,20 @@ class MetricsWriter:
 # Evaluation
 
 
-def evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg: TrainConfig) -> dict[str, float]:
+def evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg: TrainConfig,
+             multiple: int = 1, place=lambda b: b) -> dict[str, float]:
   """Accuracy (label tasks: the label continuation with the highest likelihood) or
-  perplexity (text and generation tasks) on the held-out set."""
-  bs = cfg.eval_batch_size
+  perplexity (text and generation tasks) on the held-out set.
+
+  Every process evaluates the whole held-out set (rows replicated; ``multiple`` rounds the
+  batch up so it splits over the mesh's batch axes)."""
+  bs = -(-cfg.eval_batch_size // multiple) * multiple
   if task.kind == "label":
     arrays, label_ids, gold = eval_set
     n = arrays["input_ids"].shape[0]
     scores = []
     for i in range(0, n, bs):
-      batch = steps_lib.pad_rows({k: v[i:i + bs] for k, v in arrays.items()}, bs)
+      batch = place(steps_lib.pad_rows({k: v[i:i + bs] for k, v in arrays.items()}, bs))
       scores.append(np.asarray(score_step(frozen, trainable, batch))[: min(bs, n - i)])
     scores = np.concatenate(scores)
     if label_ids is None:  # one row per (example, label): summed log-likelihood of the label
@@ -127,7 +135,7 @@ def evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg: Trai
   n = eval_set["input_ids"].shape[0]
   total, count = 0.0, 0.0
   for i in range(0, n, bs):
-    batch = steps_lib.pad_rows({k: v[i:i + bs] for k, v in eval_set.items()}, bs)
+    batch = place(steps_lib.pad_rows({k: v[i:i + bs] for k, v in eval_set.items()}, bs))
     nll, cnt = eval_step(frozen, trainable, batch)
     total += float(np.sum(nll))
     count += float(np.sum(cnt))
@@ -164,13 +172,35 @@ def _progress(total: int, initial: int, enabled: bool):
 def run(cfg: TrainConfig) -> dict[str, Any]:
   """Runs a fine-tune; returns (and writes to ``output_dir/metrics.json``) the summary."""
   t_start = time.time()
+  # --- devices
+  sh = dora_jax.sharding
+  sh.initialize_distributed(cfg.coordinator_address or None, cfg.num_processes or None,
+                            cfg.process_id if cfg.process_id >= 0 else None)
+  mesh = sh.make_mesh(cfg.mesh or None)
+  multiple = sh.batch_size_multiple(mesh)
+  if cfg.batch_size % (multiple * cfg.grad_accum):
+    raise ValueError(
+        f"batch_size={cfg.batch_size} must be a multiple of grad_accum x (data x fsdp) ="
+        f" {cfg.grad_accum} x {multiple} on mesh {dict(mesh.shape)}.")
+  with sh.use_mesh(mesh):
+    return _run(cfg, mesh, t_start)
+
+
+def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
+  sh = dora_jax.sharding
+  multiple = sh.batch_size_multiple(mesh)
   out = Path(cfg.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   say = (lambda *a: print(*a, flush=True)) if jax.process_index() == 0 else (lambda *a: None)
 
-  # --- model, data
-  base = load_base_model(cfg)
+  # --- model (loaded into its shardings), data
+  def shardings_for(config):
+    abstract = sh.abstract_params(Llama(config, scan_layers=cfg.scan_layers), jnp.zeros((1, 8), jnp.int32))
+    return sh.param_shardings(abstract, mesh)
+
+  base = load_base_model(cfg, shardings_for)
   model = Llama(base.config, dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers, remat=cfg.remat)
+  p_sh = shardings_for(base.config)
   params = base.params
   tokenizer = base.tokenizer
   say(f"model {cfg.model}: {base.config.num_params() / 1e6:.1f}M params ({time.time() - t_start:.1f}s to load)")
@@ -180,8 +210,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
   train_ex, eval_ex = data_lib.split_examples(task.examples, cfg.eval_size, cfg.seed)
   if cfg.train_size:
     train_ex = train_ex[: cfg.train_size]
-  train_arrays = data_lib.build_dataset(task, train_ex, tokenizer, cfg.seq_len, packing=cfg.packing,
-                                        chat_template=cfg.chat_template)
+  fmt = {"chat_template": cfg.chat_template, "system_prompt": system_prompt(cfg)}
+  train_arrays = data_lib.build_dataset(task, train_ex, tokenizer, cfg.seq_len, packing=cfg.packing, **fmt)
   loss_k = None
   if task.kind != "text" and not cfg.packing:
     loss_k = int(train_arrays["loss_mask"].sum(1).max())
@@ -191,18 +221,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
       f"{cfg.seq_len} tokens" + (f", loss on ≤{loss_k} positions per row" if loss_k else ""))
 
   if task.kind == "label":
-    label_ids = data_lib.label_token_ids(tokenizer, task.labels, chat_template=cfg.chat_template)
+    label_ids = data_lib.label_token_ids(tokenizer, task.labels, **fmt)
     if label_ids is not None:
-      rows = data_lib.prompt_rows(task, eval_ex, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
+      rows = data_lib.prompt_rows(task, eval_ex, tokenizer, cfg.seq_len, **fmt)
       rows = {**rows, "logits_at": (rows["attention_mask"].sum(1, keepdims=True) - 1).astype(np.int32)}
     else:
-      rows = data_lib.label_choice_rows(task, eval_ex, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
+      rows = data_lib.label_choice_rows(task, eval_ex, tokenizer, cfg.seq_len, **fmt)
     gold = np.array([ex.label_id for ex in eval_ex])
     eval_set = (rows, label_ids, gold)
     majority = data_lib.majority_class_rate(gold)
   else:
-    eval_set = data_lib.build_dataset(task, eval_ex, tokenizer, cfg.seq_len, packing=False,
-                                      chat_template=cfg.chat_template)
+    eval_set = data_lib.build_dataset(task, eval_ex, tokenizer, cfg.seq_len, packing=False, **fmt)
     majority = None
 
   # --- adapters, optimizer
@@ -210,12 +239,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
   key = jax.random.key(cfg.seed)
   init_key, rng = jax.random.split(key)
   if lcfg is None:
-    frozen, trainable = {}, params
+    frozen, trainable, f_sh, t_sh = {}, params, {}, p_sh
   else:
-    example = jnp.zeros((1, 8), jnp.int32)
-    layouts = dora_jax.kernel_layouts(model, example)
-    adapters = dora_jax.init_adapters(init_key, params, lcfg, layouts=layouts)
-    frozen, trainable = params, adapters
+    layouts = dora_jax.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
+    adapters, a_sh = sh.init_adapters_sharded(init_key, params, lcfg, p_sh, mesh, layouts=layouts,
+                                              replicate=cfg.replicate_adapters)
+    frozen, trainable, f_sh, t_sh = params, adapters, p_sh, a_sh
   n_train = dora_jax.count_params(trainable)
   n_base = dora_jax.count_params(params)
   say(f"method {cfg.method}: {n_train:,} trainable parameters ({100 * n_train / n_base:.3f}% of {n_base:,})")
@@ -224,13 +253,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
       learning_rate=cfg.learning_rate, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
       min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
       method=cfg.method)
-  opt_state = tx.init(trainable)
+  o_sh = sh.opt_state_shardings(tx, t_sh, trainable)
+  opt_state = jax.jit(tx.init, out_shardings=o_sh)(trainable)
   forward = steps_lib.make_forward(model, cfg.method, lcfg)
-  train_step = steps_lib.make_train_step(forward, tx, cfg.grad_accum)
+  rep, b_sh = sh.replicated(mesh), sh.batch_sharding(mesh)
+  place = lambda b: jax.device_put(b, rep)  # eval rows: the same on every process
+  train_step = steps_lib.make_train_step(forward, tx, cfg.grad_accum, jit_kwargs=dict(
+      in_shardings=(f_sh, t_sh, o_sh, b_sh, rep), out_shardings=(t_sh, o_sh, rep)))
   eval_step = steps_lib.make_eval_step(forward)
   score_step = make_score_step(forward, eval_set[1]) if task.kind == "label" else None
+  slot, slots = sh.batch_process_slot(mesh)
   iterator = data_lib.BatchIterator(train_arrays, cfg.batch_size, seed=cfg.seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
+                                    process_index=slot, process_count=slots)
 
   # --- checkpoints / resume
   ckpt = dora_jax.TrainCheckpointer(out / "checkpoints", run_fingerprint(cfg), keep=cfg.keep_checkpoints,
@@ -255,7 +289,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     before = previous["before"]
   else:
     t0 = time.time()
-    before = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg)
+    before = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg, multiple, place)
     before["seconds"] = round(time.time() - t0, 1)
   say("before training: " + _fmt(before) + (f" (majority class {majority:.1%})" if majority else ""))
 
@@ -268,7 +302,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
   stop_at = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
   try:
     for step in range(start_step + 1, stop_at + 1):
-      batch = next(iterator)
+      local_batch = next(iterator)
+      batch = sh.shard_batch(local_batch, mesh)
       step_rng = jax.random.fold_in(rng, step)
       t0 = time.time()
       trainable, opt_state, m = train_step(frozen, trainable, opt_state, batch, step_rng)
@@ -278,7 +313,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise FloatingPointError(
             f"loss became {loss} at step {step}; the last checkpoint is kept. Lower --learning-rate"
             " or enable --grad-clip.")
-      tokens = int(batch["attention_mask"].sum())
+      tokens = int(local_batch["attention_mask"].sum()) * slots
       tokens_seen += tokens
       rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
              "lr": float(schedule(step - 1)), "tokens": tokens, "loss_tokens": int(m["tokens"]),
@@ -289,7 +324,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
       bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / max(time.time() - t_loop, 1e-9):,.0f}")
       bar.update(1)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-        ev = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg)
+        ev = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg, multiple, place)
         intervals.append({"step": step, **ev})
         writer.write({"step": step, **{f"eval_{k}" if not k.startswith("eval") else k: v for k, v in ev.items()}})
         bar.write(f"step {step}: " + _fmt(ev))
@@ -320,7 +355,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
   # --- evaluate after, export
   t0 = time.time()
-  after = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg)
+  after = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg, multiple, place)
   after["seconds"] = round(time.time() - t0, 1)
   say("after training:  " + _fmt(after))
   exported = export(cfg, out, base, params, trainable, lcfg)

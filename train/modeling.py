@@ -52,26 +52,39 @@ def tiny_tokenizer(vocab_size: int = TINY_CONFIG.vocab_size):
   return fast
 
 
-def load_base_model(cfg) -> BaseModel:
-  """``cfg.model``: 'smollm2-135m', 'tiny-random', or a Hugging Face checkpoint directory."""
+def load_base_model(cfg, shardings_for=None) -> BaseModel:
+  """``cfg.model``: 'smollm2-135m', 'tiny-random', or a Hugging Face checkpoint directory.
+
+  ``shardings_for(config) -> tree of Sharding``: where each parameter goes. A checkpoint
+  directory is read straight into the shards (each process reads only its slices); the other
+  sources are placed after loading.
+  """
+  from dora_jax import sharding as sh
+
+  place = (lambda config, params: params) if shardings_for is None else (
+      lambda config, params: sh.shard_params(params, shardings_for(config)))
   dtype = jnp.dtype(cfg.dtype)
   if cfg.model == "tiny-random":
     tokenizer = tiny_tokenizer()
     config = dataclasses.replace(TINY_CONFIG, vocab_size=len(tokenizer))
     model = Llama(config, scan_layers=cfg.scan_layers)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(1234), jnp.zeros((1, 8), jnp.int32))["params"])
-    return BaseModel(config, params, tokenizer)
+    return BaseModel(config, place(config, params), tokenizer)
   if cfg.model in ("smollm2-135m", "smollm2"):
     from dora_jax.models.smollm2 import load_smollm2
     config, params, tokenizer = load_smollm2(dtype=cfg.dtype, scan_layers=cfg.scan_layers)
-    return BaseModel(config, params, tokenizer)
+    return BaseModel(config, place(config, params), tokenizer)
   path = Path(cfg.model)
   if not path.is_dir():
     raise FileNotFoundError(
         f"--model {cfg.model!r} is neither 'smollm2-135m', 'tiny-random' nor a checkpoint directory.")
   from transformers import AutoTokenizer
 
-  from dora_jax.models.hf import load_pretrained
-  config, params = load_pretrained(path, dtype=dtype.name, scan_layers=cfg.scan_layers)
+  from dora_jax.models.hf import load_config, load_pretrained
+  sharding_fn = None
+  if shardings_for is not None:
+    sharding_fn = sh.path_sharding_fn(shardings_for(load_config(path)))
+  config, params = load_pretrained(path, dtype=dtype.name, scan_layers=cfg.scan_layers,
+                                   sharding_fn=sharding_fn)
   tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
   return BaseModel(config, params, tokenizer)

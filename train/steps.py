@@ -116,7 +116,10 @@ def make_train_step(forward: Callable, tx: optax.GradientTransformation, grad_ac
     if grad_accum == 1:
       (total, count), grads = grad_fn(trainable, frozen, batch, rng)
     else:
-      micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+      # Micro-batch i takes rows i, i+k, i+2k, ...: each keeps its share of every device's rows,
+      # so a batch sharded over (data, fsdp) needs no all-gather.
+      micro = jax.tree.map(
+          lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
       rngs = jax.random.split(rng, grad_accum)
 
       def body(carry, inp):
