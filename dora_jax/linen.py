@@ -36,6 +36,9 @@ from dora_jax.factored import DORA_PATHS, Projection, einsum_kernel_axes, factor
 Array = jax.Array
 logger = logging.getLogger("dora_jax")
 
+NORM_KEY = "w0_norm_sq"
+"""Params key of a cached ``||W0||²_c`` (see :func:`base_norms`), next to the kernel."""
+
 _FACTORED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 _ADAPTABLE_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose, nn.Embed)
 _said_merged: set[str] = set()
@@ -172,9 +175,17 @@ def _factored_call(module, next_fun, args, kwargs, config: LoraConfig, inputs: i
   x_in = _dropout(x, config.lora_dropout, module.make_rng("dropout")) if dropout_on else x
   bias = (tree_lib.unbox(module.get_variable("params", "bias"))
           if module.has_variable("params", "bias") else None)
+  w0_norm_sq = None
+  if m is not None and module.has_variable("params", NORM_KEY):
+    w0_norm_sq = module.get_variable("params", NORM_KEY)
+    if w0_norm_sq.shape != (o_dim,):
+      raise ValueError(
+          f"Cached {NORM_KEY} at '{'/'.join(module.scope.path)}' has shape {w0_norm_sq.shape},"
+          f" expected ({o_dim},): were the base norms made for another model?")
   return factored_output(proj, y0, x_in, kernel.reshape(i_dim, o_dim), a, b, config.scale,
                          magnitude=m, bias=bias, dropped=dropout_on,
-                         path="custom_vjp" if dora_path == "custom_vjp" else "factored")
+                         path="custom_vjp" if dora_path == "custom_vjp" else "factored",
+                         w0_norm_sq=w0_norm_sq)
 
 
 def _merged_call(module, context, args, kwargs, config: LoraConfig, chosen: bool = False) -> Any:
@@ -184,7 +195,8 @@ def _merged_call(module, context, args, kwargs, config: LoraConfig, chosen: bool
   layout = tree_lib.layout_from_adapter("/".join(module.scope.path), tuple(w.shape), ad)
   w_mat = w.reshape(layout.matrix_shape(tuple(w.shape)))
   merged = core.merge_kernel(w_mat, ad["lora_a"], ad["lora_b"], config.scale, ad.get("magnitude"))
-  own = {k: tree_lib.unbox(v) for k, v in module.variables["params"].items() if k not in ADAPTER_KEYS}
+  own = {k: tree_lib.unbox(v) for k, v in module.variables["params"].items()
+         if k not in ADAPTER_KEYS and k != NORM_KEY}
   own[key] = merged.reshape(w.shape)
   if not chosen:
     _say_merged_once(type(module).__name__, "no factored forward for this layer type")
@@ -207,6 +219,55 @@ def _interceptor(config: LoraConfig, dora_path: str, next_fun, args, kwargs, con
     if inputs is not None:
       return _factored_call(module, next_fun, args, kwargs, config, inputs, dropout_on, dora_path)
   return _merged_call(module, context, args, kwargs, config)
+
+
+def base_norms(params, adapters: Mapping) -> dict:
+  """``||W0||²_c`` of the kernel under every DoRA adapter, computed once in float32.
+
+  The base kernels are frozen, so their squared column norms never change; pass
+  the result as ``apply(..., base_norms=...)`` (:func:`wrap`) to skip that pass
+  over every ``W0`` in each step. It is the same float32 computation
+  :func:`dora_jax.init_adapters` starts the magnitudes from, so ``g = m / n`` is
+  exactly 1 at init.
+
+  Returns:
+    ``{path: {"w0_norm_sq": [*stack, O] float32}}`` mirroring the adapters.
+  """
+  params = tree_lib.unbox(params.get("params", params) if isinstance(params, Mapping) else params)
+  layouts = tree_lib.check_adapters(params, adapters)
+  flat = {}
+  for path, adapter in tree_lib.flatten_adapters(adapters).items():
+    if "magnitude" not in adapter:
+      continue
+    module = tree_lib.get_path(params, path)
+    w = module[tree_lib.weight_key(module)]
+    w32 = jnp.reshape(w, layouts[path].matrix_shape(tuple(w.shape))).astype(jnp.float32)
+    flat[path] = {NORM_KEY: jnp.sum(w32 * w32, axis=-2)}
+  return tree_lib.unflatten(flat)
+
+
+def _flatten_norms(norms: Mapping, prefix: tuple[str, ...] = ()) -> dict[str, Array]:
+  if NORM_KEY in norms:
+    return {"/".join(prefix): norms[NORM_KEY]}
+  out = {}
+  for k, v in norms.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten_norms(v, prefix + (str(k),)))
+  return out
+
+
+def _insert_norms(params: Mapping, norms: Mapping) -> dict:
+  """Params (adapters combined) with each cached ``||W0||²_c`` next to its kernel."""
+  out = params
+  for path, norm in _flatten_norms(norms).items():
+    try:
+      target = tree_lib.get_path(out, path)
+    except (KeyError, TypeError):
+      target = None
+    if not isinstance(target, Mapping) or "magnitude" not in target:
+      raise ValueError(f"base_norms has an entry at '{path}', where the params have no DoRA adapter.")
+    out = tree_lib.set_path(out, path, {**target, NORM_KEY: norm})
+  return out
 
 
 def wrap(apply_fn: Callable, config: LoraConfig, *, dora_path: str = "factored") -> Callable:
@@ -237,9 +298,11 @@ def wrap(apply_fn: Callable, config: LoraConfig, *, dora_path: str = "factored")
     ValueError: for an unknown ``dora_path``.
 
   Returns:
-    ``apply(params, adapters, *args, rngs=None, **kwargs)``. ``params`` is the
+    ``apply(params, adapters, *args, rngs=None, base_norms=None, **kwargs)``. ``params`` is the
     ``params`` collection, or a full variables dict with a ``"params"`` key
     (other collections such as ``batch_stats`` are passed through).
+    ``base_norms`` (optional, from :func:`base_norms`) caches ``||W0||²_c`` for
+    the factored and custom_vjp paths.
     The adapter dropout (``config.lora_dropout``) is active when ``rngs`` has
     a ``"dropout"`` key, as Flax's own dropout conventions go.
 
@@ -261,13 +324,15 @@ def wrap(apply_fn: Callable, config: LoraConfig, *, dora_path: str = "factored")
   if dora_path not in DORA_PATHS:
     raise ValueError(f"dora_path must be one of {list(DORA_PATHS)}, got {dora_path!r}.")
 
-  def apply(params, adapters, *args, rngs=None, **kwargs):
+  def apply(params, adapters, *args, rngs=None, base_norms=None, **kwargs):
     if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping):
       variables = dict(params)
     else:
       variables = {"params": params}
     tree_lib.check_adapters(variables["params"], adapters)
     variables["params"] = tree_lib.combine(variables["params"], adapters)
+    if base_norms is not None:
+      variables["params"] = _insert_norms(variables["params"], base_norms)
     with nn.intercept_methods(functools.partial(_interceptor, config, dora_path)):
       return apply_fn(variables, *args, rngs=rngs, **kwargs)
 

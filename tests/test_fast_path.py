@@ -6,6 +6,8 @@ path (adapters and the model input, so the ``(g − 1)·W0`` term of ``∇x`` is
 covered), in float32 and bfloat16, for Dense, DenseGeneral and Einsum layers.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -222,3 +224,42 @@ def test_custom_vjp_path_is_taken_only_without_dropout():
   plain = str(jax.make_jaxpr(lambda a: f(params, a, x))(ad))
   dropped = str(jax.make_jaxpr(lambda a: f(params, a, x, rngs={"dropout": jax.random.key(0)}))(ad))
   assert plain.count("custom_vjp_call") == 2 and "custom_vjp_call" not in dropped
+
+
+@pytest.mark.parametrize("path", ["factored", "custom_vjp"])
+def test_cached_base_norms_give_the_same_outputs_and_gradients(path):
+  model, x, params, cfg, ad = make()
+  norms = dlinen.base_norms(params, ad)
+  assert set(norms) == {"up", "down"} and norms["up"]["w0_norm_sq"].shape == (6,)
+  f = dora_jax.wrap(model.apply, cfg, dora_path=path)
+  dy = jnp.asarray(rand(3, 7, 5))
+  np.testing.assert_allclose(f(params, ad, x, base_norms=norms), f(params, ad, x), rtol=1e-6, atol=1e-6)
+  loss = lambda a, n: jnp.sum(f(params, a, x, base_norms=n) * dy)
+  assert_trees_close(jax.grad(loss)(ad, norms), jax.grad(loss)(ad, None), 1e-5, 1e-6)
+
+
+def test_cached_base_norms_make_g_exactly_one_at_init_under_scan():
+  from dora_jax.models.llama import Llama, LlamaConfig
+
+  c = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+  model = Llama(c, scan_layers=True)
+  ids = jnp.asarray(RNG.integers(0, 64, (2, 5)), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), ids)["params"])
+  cfg = dora_jax.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], use_dora=True)
+  ad = dora_jax.init_adapters(jax.random.key(1), params, cfg, layouts=dora_jax.kernel_layouts(model, ids))
+  norms = dlinen.base_norms(params, ad)
+  assert norms["model"]["layers"]["mlp"]["down_proj"]["w0_norm_sq"].shape == (2, 16)
+  base = model.apply({"params": params}, ids)
+  for path in ("factored", "custom_vjp"):
+    got = dora_jax.wrap(model.apply, cfg, dora_path=path)(params, ad, ids, base_norms=norms)
+    np.testing.assert_array_equal(got, base)
+
+
+def test_base_norms_for_a_module_without_dora_are_rejected():
+  model, x, params, cfg, ad = make()
+  norms = dlinen.base_norms(params, ad)
+  lora_ad = {k: {n: v[n] for n in ("lora_a", "lora_b")} for k, v in ad.items()}
+  f = dora_jax.wrap(model.apply, dataclasses.replace(cfg, use_dora=False))
+  with pytest.raises(ValueError, match="no DoRA adapter"):
+    f(params, lora_ad, x, base_norms=norms)
