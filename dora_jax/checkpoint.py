@@ -43,6 +43,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -93,9 +94,13 @@ def _ocp():
 
 
 def _epath(path: PathLike):
+  """``path`` as an absolute ``epath.Path``: Orbax refuses relative paths, users give them."""
   from etils import epath  # pylint: disable=g-import-not-at-top
 
-  return epath.Path(path)
+  p = epath.Path(path)
+  if "://" in str(path):  # gs://, s3:// ... are absolute already
+    return p
+  return epath.Path(os.path.abspath(os.fspath(path)))
 
 
 def _version() -> str:

@@ -125,3 +125,26 @@ def test_malformed_data_row_is_an_error_with_row_number(tmp_path):
   path.write_text('{"text": "good film", "label": "positive"}\n{"text": "bad film"}\n')
   with pytest.raises(ValueError, match="row 2"):
     run(_cfg(tmp_path, task=str(path)))
+
+
+def test_relative_output_dir_works_from_the_current_directory(tmp_path, monkeypatch):
+  """The README's main job uses a relative output_dir; Orbax needs absolute paths."""
+  cfg = _cfg(tmp_path, steps=2, save_every=1, export="peft")
+  monkeypatch.chdir(tmp_path)
+  cfg = make_config({**cfg.to_dict(), "output_dir": "runs/rel"})
+  summary = run(cfg)
+  out = tmp_path / "runs" / "rel"
+  assert (out / "metrics.json").exists() and (out / "checkpoints" / "2").is_dir()
+  assert summary["exported"]["peft"] == str(out / "peft_adapter")
+  assert (out / "peft_adapter" / "adapter_model.safetensors").exists()
+
+
+def test_save_and_load_adapters_accept_relative_paths(tmp_path, monkeypatch):
+  params = {"fc": {"kernel": np.ones((4, 3), np.float32)}}
+  config = dora_jax.LoraConfig(r=2, target_modules=["fc"], use_dora=True)
+  adapters = dora_jax.init_adapters(jax.random.key(0), params, config)
+  monkeypatch.chdir(tmp_path)
+  dora_jax.save_adapters("adapters/a", adapters, config)
+  loaded, loaded_config = dora_jax.load_adapters("adapters/a")
+  assert loaded_config == config
+  np.testing.assert_array_equal(loaded["fc"]["magnitude"], adapters["fc"]["magnitude"])

@@ -189,7 +189,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
   sh = dora_jax.sharding
   multiple = sh.batch_size_multiple(mesh)
-  out = Path(cfg.output_dir)
+  out = Path(cfg.output_dir).absolute()  # resolved once: Orbax needs absolute paths
   out.mkdir(parents=True, exist_ok=True)
   say = (lambda *a: print(*a, flush=True)) if jax.process_index() == 0 else (lambda *a: None)
 
