@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench import common
-from dora_jax.factored import DORA_PATHS
+from dora_jax.variants.dora import DEFAULT_PATH, PATHS as DORA_PATHS
 
 METHODS = ("frozen-forward", "lora", "dora")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ class Spec:
 
   preset: str = "tiny"
   method: str = "dora"
-  dora_path: str | None = "factored"
+  dora_path: str | None = DEFAULT_PATH
   batch: int = 4
   seq: int = 256
   rank: int = 16
@@ -168,7 +168,7 @@ def build_step(spec: Spec, dtype: str, attention_impl: str | None):
   layouts = dora_jax.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
   init = jax.jit(lambda key, p: dora_jax.init_adapters(key, p, cfg, layouts=layouts))
   adapters = init(jax.random.key(spec.seed + 1), params)
-  apply = dora_jax.wrap(model.apply, cfg, dora_path=spec.dora_path or "factored")
+  apply = dora_jax.wrap(model.apply, cfg, dora_path=spec.dora_path or DEFAULT_PATH)
 
   def loss_fn(params, adapters, batch, rng):
     return cross_entropy(apply(params, adapters, batch["input_ids"]), batch["targets"])

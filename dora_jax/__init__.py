@@ -7,7 +7,8 @@ The core is pure functions on arrays and pytrees (:mod:`dora_jax.core`,
 
 from dora_jax import core
 from dora_jax import nnx
-from dora_jax.config import LoraConfig
+from dora_jax import variants
+from dora_jax.config import LoraConfig, VeraConfig
 from dora_jax.core import (
     column_norm,
     decompose_kernel,
@@ -40,7 +41,7 @@ from dora_jax.tree import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "KernelLayout", "core", "nnx",
+    "LoraConfig", "VeraConfig", "KernelLayout", "core", "nnx", "variants",
     "init_adapters", "wrap", "merge", "unmerge", "decompose", "kernel_layouts",
     "select_targets", "check_adapters", "combine", "split", "count_params",
     "column_norm", "factored_column_norm", "merge_kernel", "unmerge_kernel",

@@ -5,12 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
-ADAPTER_KEYS = ("lora_a", "lora_b", "magnitude")
-"""Leaf names an adapter dict may hold next to a kernel."""
+from dora_jax import variants as _variants
+from dora_jax.variants import lora as _lora
+from dora_jax.variants import vera as _vera
+
+_variants.register(_vera.VARIANT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,16 @@ class LoraConfig:
         object.__setattr__(self, name, tuple(value))
 
   @property
+  def variant(self):
+    """The method variant: :data:`dora_jax.variants.lora.VARIANT`."""
+    return _lora.VARIANT
+
+  @property
+  def adapter_dropout(self) -> float:
+    """The dropout probability on the adapter input (``lora_dropout``)."""
+    return self.lora_dropout
+
+  @property
   def scale(self) -> float:
     """The factor ``s`` in ``W0 + s·A B``."""
     if self.use_rslora:
@@ -100,3 +115,134 @@ class LoraConfig:
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class VeraConfig:
+  """VeRA (and, with ``use_dora``, DVoRA); the field names follow ``peft.VeraConfig``.
+
+  Attributes:
+    r: rank of the shared projections (PEFT's default 256). It may exceed a layer's
+      dimensions, as in PEFT (the projections are not per layer).
+    target_modules, exclude_modules: as :class:`LoraConfig`.
+    projection_prng_key: seed of the shared frozen projections ``vera_A``, ``vera_B``.
+    save_projection: store the projections in saved adapters (PEFT's default True);
+      with False they are re-drawn from ``projection_prng_key`` at load time.
+    vera_dropout: dropout probability on the adapter's input (training only).
+    d_initial: initial value of every ``vera_lambda_d`` entry (PEFT's 0.1).
+    fan_in_fan_out: PEFT's flag for transposed (Conv1D) weights; Flax kernels are always
+      ``[in, out]``, so only ``False`` is meaningful.
+    use_dora: DVoRA (DoRA paper §5): DoRA's magnitude over the VeRA direction update.
+    adapter_dtype: dtype of the trainable vectors (``float32`` by default).
+  """
+
+  r: int = 256
+  target_modules: Sequence[str] | str | None = None
+  exclude_modules: Sequence[str] | str | None = None
+  projection_prng_key: int = 0
+  save_projection: bool = True
+  vera_dropout: float = 0.0
+  d_initial: float = 0.1
+  fan_in_fan_out: bool = False
+  use_dora: bool = False
+  adapter_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
+      raise ValueError(f"VeraConfig.r must be a positive integer, got {self.r!r}.")
+    object.__setattr__(self, "r", int(self.r))
+    if not 0.0 <= self.vera_dropout < 1.0:
+      raise ValueError(f"VeraConfig.vera_dropout must be in [0, 1), got {self.vera_dropout!r}.")
+    if not math.isfinite(self.d_initial):
+      raise ValueError(f"VeraConfig.d_initial must be finite, got {self.d_initial!r}.")
+    if self.fan_in_fan_out:
+      raise ValueError("VeraConfig.fan_in_fan_out=True is for torch Conv1D weights; Flax kernels"
+                       " are [in, out] already: leave it False.")
+    if self.target_modules is None:
+      raise ValueError(
+          "VeraConfig.target_modules is required: a list of module-name suffixes such as"
+          " ['q_proj', 'v_proj'], a regex matched against the '/'-joined module path, or"
+          " 'all-linear'.")
+    _check_patterns(type(self).__name__, self)
+    for name in ("target_modules", "exclude_modules"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, str):
+        object.__setattr__(self, name, tuple(value))
+
+  @property
+  def variant(self):
+    """The method variant: :data:`dora_jax.variants.vera.VARIANT`."""
+    return _vera.VARIANT
+
+  @property
+  def adapter_dropout(self) -> float:
+    """The dropout probability on the adapter input (``vera_dropout``)."""
+    return self.vera_dropout
+
+  @property
+  def scale(self) -> float:
+    """VeRA has no separate scale: the vectors carry it."""
+    return 1.0
+
+  def max_rank(self, i_dim: int, o_dim: int) -> float:
+    """Any rank fits a layer (the projections are shared and sliced on I and O only)."""
+    del i_dim, o_dim
+    return math.inf
+
+  def to_dict(self) -> dict[str, Any]:
+    return _to_dict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "VeraConfig":
+    return _from_dict(cls, d)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _check_patterns(owner: str, config) -> None:
+  """A regex ``target_modules``/``exclude_modules`` must compile; names must be strings."""
+  for name in ("target_modules", "exclude_modules"):
+    value = getattr(config, name)
+    if isinstance(value, str) and value != "all-linear":
+      try:
+        re.compile(value)
+      except re.error as e:
+        raise ValueError(f"{owner}.{name}={value!r} is not a valid regex ({e}); pass a list of"
+                         " module names, or fix the pattern.") from None
+    elif value is not None and not isinstance(value, str):
+      bad = [v for v in value if not isinstance(v, str)]
+      if bad:
+        raise ValueError(f"{owner}.{name} entries must be module names (strings), got {bad!r}.")
+
+
+def _to_dict(config) -> dict[str, Any]:
+  """A JSON-friendly dict (the adapter dtype as its name) with a ``"method"`` key."""
+  d = dataclasses.asdict(config)
+  d["adapter_dtype"] = jnp.dtype(config.adapter_dtype).name
+  for name in ("target_modules", "exclude_modules"):
+    if isinstance(d[name], tuple):
+      d[name] = list(d[name])
+  return d
+
+
+def _from_dict(cls, d: dict[str, Any]):
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ValueError(f"Unknown {cls.__name__} fields {unknown}; known: {sorted(fields)}.")
+  d = dict(d)
+  if "adapter_dtype" in d:
+    d["adapter_dtype"] = jnp.dtype(d["adapter_dtype"])
+  return cls(**d)
+
+
+CONFIG_TYPES = {"lora": LoraConfig, "vera": VeraConfig}
+"""Adapter config class by method variant name."""
+
+
+def config_from_dict(d: dict[str, Any], method: str = "lora"):
+  """The adapter config of ``method`` (``"lora"``, ``"vera"``) from its :meth:`to_dict`."""
+  if method not in CONFIG_TYPES:
+    raise ValueError(f"Unknown adapter method {method!r}; known: {sorted(CONFIG_TYPES)}.")
+  return CONFIG_TYPES[method].from_dict(d)

@@ -30,9 +30,15 @@ def _dot(x: Array, y: Array, dims) -> Array:
 
 
 def column_norm_sq(w: Array) -> Array:
-  """Squared L2 norm of each column of ``w: [I, O]`` -> ``[O]`` float32."""
-  w32 = w.astype(_F32)
-  return jnp.sum(w32 * w32, axis=0)
+  """Squared L2 norm of each column of ``w: [I, O]`` -> ``[O]`` float32.
+
+  The one ``||W0||²_c`` of the library (initial magnitudes, the forward's norm, the
+  cached base norms), so ``g = m / n`` is exactly 1 at init. A dot with float32
+  accumulation on ``w`` in its own dtype, never ``w.astype(float32)``: under ``nn.scan``
+  XLA may hoist such a cast out of the loop and hold a float32 copy of every stacked
+  kernel. bf16 products are exact in float32.
+  """
+  return jax.lax.dot_general(w, w, (((0,), (0,)), ((1,), (1,))), preferred_element_type=_F32)
 
 
 def column_norm(w: Array) -> Array:
@@ -95,17 +101,21 @@ def dora_column_scale(magnitude: Array, norm: Array) -> Array:
 
 
 def merge_kernel(
-    w0: Array, a: Array, b: Array, scale: float, magnitude: Array | None = None
-) -> Array:
+    w0: Array, a: Array, b: Array, scale: float, magnitude: Array | None = None,
+    *, return_norm: bool = False,
+) -> Array | tuple[Array, Array]:
   """The adapted kernel ``W'`` ``[I, O]`` in ``w0``'s dtype.
 
   LoRA (``magnitude is None``): ``W0 + s·A B``. DoRA:
   ``m ⊙ (W0 + s·A B) / ||W0 + s·A B||_c`` with the norm detached.
+  With ``return_norm``, also ``||W0 + s·A B||_c`` ``[O]`` float32, which
+  :func:`unmerge_kernel` needs to invert a DoRA merge.
   """
   v = w0.astype(_F32) + lora_delta(a, b, scale)
+  norm = column_norm(v)
   if magnitude is not None:
-    v = v * dora_column_scale(magnitude, column_norm(v))
-  return v.astype(w0.dtype)
+    v = v * dora_column_scale(magnitude, norm)
+  return (v.astype(w0.dtype), norm) if return_norm else v.astype(w0.dtype)
 
 
 def unmerge_kernel(

@@ -11,9 +11,10 @@ adds the low-rank term and the DoRA column scale, without forming ``W'``:
 
 with ``x' W0 = y0 − b`` without dropout (PEFT's semantics: the bias is never
 rescaled). ``wrap(..., dora_path=...)`` picks how DoRA layers run in training:
-``"factored"`` (the above, autodiff), ``"custom_vjp"`` (the same forward with a
-backward that keeps ``y`` instead of ``u``) or ``"merged"`` (materialize ``W'``);
-see :data:`dora_jax.factored.DORA_PATHS`. Other adapted modules (``nn.Conv``, ``nn.Embed``, ``DenseGeneral``
+``"custom_vjp"`` (default: a backward that keeps ``y`` instead of ``u``),
+``"factored"`` (autodiff) or ``"merged"`` (materialize ``W'``); see
+:mod:`dora_jax.variants.dora`. The per-layer math is :func:`dora_jax.variants.output`,
+the same function the NNX front-end calls. Other adapted modules (``nn.Conv``, ``nn.Embed``, ``DenseGeneral``
 with ``batch_dims``, batched ``Einsum``) run on the merged weight ``W'``.
 """
 
@@ -30,8 +31,9 @@ import jax.numpy as jnp
 
 from dora_jax import core
 from dora_jax import tree as tree_lib
-from dora_jax.config import ADAPTER_KEYS, LoraConfig
-from dora_jax.factored import DORA_PATHS, Projection, einsum_kernel_axes, factored_output
+from dora_jax import variants
+from dora_jax.projection import Projection, einsum_kernel_axes
+from dora_jax.variants import dora
 
 Array = jax.Array
 logger = logging.getLogger("dora_jax")
@@ -50,6 +52,13 @@ def _say_merged_once(kind: str, why: str) -> None:
     logger.warning(
         "dora_jax: %s modules run on the merged weight W' (%s); the factored path"
         " covers Dense, DenseGeneral and Einsum.", kind, why)
+
+
+def say_once(key: str, message: str) -> None:
+  """Logs ``message`` once per process (fallbacks a user should know about)."""
+  if key not in _said_merged:
+    _said_merged.add(key)
+    logger.warning("dora_jax: %s", message)
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +113,7 @@ def kernel_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, 
     ``{module_path: KernelLayout(stack, inputs)}``.
   """
   seen: dict[str, tuple[int, int | None]] = {}
+  kinds: dict[str, str] = {}
 
   def record(next_fun, a, kw, context):
     out = next_fun(*a, **kw)
@@ -113,6 +123,8 @@ def kernel_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, 
       if mod.has_variable("params", key):
         w = tree_lib.unbox(mod.get_variable("params", key))
         seen["/".join(mod.scope.path)] = (w.ndim, _module_inputs(mod, w.ndim, a, kw))
+        kinds["/".join(mod.scope.path)] = ("embed" if isinstance(mod, nn.Embed) else
+                                           "linear" if isinstance(mod, _FACTORED_TYPES) else "conv")
     return out
 
   def init(rng):
@@ -129,7 +141,7 @@ def kernel_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, 
     full = module[tree_lib.weight_key(module)].ndim
     if inputs is None:
       continue
-    layouts[path] = tree_lib.KernelLayout(stack=full - ndim, inputs=inputs)
+    layouts[path] = tree_lib.KernelLayout(stack=full - ndim, inputs=inputs, kind=kinds[path])
   return layouts
 
 
@@ -143,8 +155,12 @@ def _dropout(x: Array, rate: float, rng: Array) -> Array:
 
 
 def _adapter_of(module: nn.Module) -> dict[str, Array]:
-  return {k: module.get_variable("params", k) for k in ADAPTER_KEYS
+  return {k: module.get_variable("params", k) for k in variants.layer_leaf_names()
           if module.has_variable("params", k)}
+
+
+def _where(module: nn.Module) -> str:
+  return "/".join(module.scope.path)
 
 
 def _projection(module, x: Array, kernel: Array, inputs: int, args, kwargs) -> Projection:
@@ -157,68 +173,77 @@ def _projection(module, x: Array, kernel: Array, inputs: int, args, kwargs) -> P
   return Projection.dense(x.ndim, axis, kernel.shape[:inputs], kernel.shape[inputs:])
 
 
-def _factored_call(module, next_fun, args, kwargs, config: LoraConfig, inputs: int,
-                   dropout_on: bool, dora_path: str = "factored") -> Array:
+def _cached_norm(module: nn.Module, o_dim: int) -> Array | None:
+  if not module.has_variable("params", NORM_KEY):
+    return None
+  w0_norm_sq = module.get_variable("params", NORM_KEY)
+  if w0_norm_sq.shape != (o_dim,):
+    raise ValueError(
+        f"Cached {NORM_KEY} at '{_where(module)}' has shape {w0_norm_sq.shape},"
+        f" expected ({o_dim},): were the base norms made for another model?")
+  return w0_norm_sq
+
+
+def _factored_call(module, next_fun, args, kwargs, config, shared, inputs: int,
+                   dropout_on: bool, dora_path: str) -> Array:
   ad = _adapter_of(module)
-  a, b, m = ad["lora_a"], ad["lora_b"], ad.get("magnitude")
   kernel = tree_lib.unbox(module.get_variable("params", "kernel"))
   x = args[0] if args else kwargs["inputs"]
-  i_dim, o_dim = a.shape[0], b.shape[-1]
-  if math.prod(kernel.shape[:inputs]) != i_dim or math.prod(kernel.shape[inputs:]) != o_dim:
+  layout = tree_lib.layout_from_adapter(_where(module), tuple(kernel.shape), ad)
+  i_dim, o_dim = layout.matrix_shape(tuple(kernel.shape))
+  if layout.inputs != inputs:
     raise ValueError(
-        f"Adapter at '{'/'.join(module.scope.path)}' (lora_a {a.shape}, lora_b"
-        f" {b.shape}) does not fit its {type(module).__name__} kernel {kernel.shape}"
-        f" with {inputs} input axes. Build the adapters with"
-        " layouts=dora_jax.kernel_layouts(model, *example_inputs).")
+        f"Adapter at '{_where(module)}' ({ {k: tuple(v.shape) for k, v in ad.items()} }) does"
+        f" not fit its {type(module).__name__} kernel {kernel.shape} with {inputs} input axes."
+        " Build the adapters with layouts=dora_jax.kernel_layouts(model, *example_inputs).")
   proj = _projection(module, x, kernel, inputs, args, kwargs)
   y0 = next_fun(*args, **kwargs)
-  x_in = _dropout(x, config.lora_dropout, module.make_rng("dropout")) if dropout_on else x
+  x_in = _dropout(x, config.adapter_dropout, module.make_rng("dropout")) if dropout_on else x
   bias = (tree_lib.unbox(module.get_variable("params", "bias"))
           if module.has_variable("params", "bias") else None)
-  w0_norm_sq = None
-  if m is not None and module.has_variable("params", NORM_KEY):
-    w0_norm_sq = module.get_variable("params", NORM_KEY)
-    if w0_norm_sq.shape != (o_dim,):
-      raise ValueError(
-          f"Cached {NORM_KEY} at '{'/'.join(module.scope.path)}' has shape {w0_norm_sq.shape},"
-          f" expected ({o_dim},): were the base norms made for another model?")
-  return factored_output(proj, y0, x_in, kernel.reshape(i_dim, o_dim), a, b, config.scale,
-                         magnitude=m, bias=bias, dropped=dropout_on,
-                         path="custom_vjp" if dora_path == "custom_vjp" else "factored",
-                         w0_norm_sq=w0_norm_sq)
+  if dropout_on and dora_path == "custom_vjp" and variants.MAGNITUDE in ad:
+    say_once("dropout-factored", "adapter dropout is active: DoRA layers run the 'factored'"
+             " path (autodiff keeps u = x W0 + ΔW x per layer; the lean 'custom_vjp' path"
+             " needs dropout off).")
+  return variants.output(proj, y0, x_in, kernel.reshape(i_dim, o_dim), ad, config,
+                         shared=shared, bias=bias, dropped=dropout_on,
+                         path="factored" if dora_path == "factored" else "custom_vjp",
+                         w0_norm_sq=_cached_norm(module, o_dim))
 
 
-def _merged_call(module, context, args, kwargs, config: LoraConfig, chosen: bool = False) -> Any:
+def _merged_call(module, context, args, kwargs, config, shared, chosen: bool = False) -> Any:
   key = "embedding" if isinstance(module, nn.Embed) else "kernel"
   ad = _adapter_of(module)
   w = tree_lib.unbox(module.get_variable("params", key))
-  layout = tree_lib.layout_from_adapter("/".join(module.scope.path), tuple(w.shape), ad)
+  layout = tree_lib.layout_from_adapter(_where(module), tuple(w.shape), ad)
   w_mat = w.reshape(layout.matrix_shape(tuple(w.shape)))
-  merged = core.merge_kernel(w_mat, ad["lora_a"], ad["lora_b"], config.scale, ad.get("magnitude"))
+  merged, _ = variants.merge_kernel(w_mat, ad, config, shared)
   own = {k: tree_lib.unbox(v) for k, v in module.variables["params"].items()
-         if k not in ADAPTER_KEYS and k != NORM_KEY}
+         if k not in ad and k != NORM_KEY}
   own[key] = merged.reshape(w.shape)
   if not chosen:
     _say_merged_once(type(module).__name__, "no factored forward for this layer type")
   return module.clone(parent=None).apply({"params": own}, *args, method=context.method_name, **kwargs)
 
 
-def _interceptor(config: LoraConfig, dora_path: str, next_fun, args, kwargs, context):
+def _interceptor(config, dora_path: str, shared, next_fun, args, kwargs, context):
   module = context.module
+  marker = variants.config_variant(config).marker
   if (context.method_name not in ("__call__", "attend")
       or not isinstance(module, _ADAPTABLE_TYPES)
-      or not module.has_variable("params", "lora_a")):
+      or not module.has_variable("params", marker)):
     return next_fun(*args, **kwargs)
-  dropout_on = config.lora_dropout > 0.0 and module.scope.has_rng("dropout")
-  is_dora = module.has_variable("params", "magnitude")
+  dropout_on = config.adapter_dropout > 0.0 and module.scope.has_rng("dropout")
+  is_dora = module.has_variable("params", variants.MAGNITUDE)
   if dora_path == "merged" and is_dora and not dropout_on:
-    return _merged_call(module, context, args, kwargs, config, chosen=True)
+    return _merged_call(module, context, args, kwargs, config, shared, chosen=True)
   if isinstance(module, _FACTORED_TYPES) and context.method_name == "__call__":
     kernel = module.get_variable("params", "kernel")
     inputs = _module_inputs(module, tree_lib.unbox(kernel).ndim, args, kwargs)
     if inputs is not None:
-      return _factored_call(module, next_fun, args, kwargs, config, inputs, dropout_on, dora_path)
-  return _merged_call(module, context, args, kwargs, config)
+      return _factored_call(module, next_fun, args, kwargs, config, shared, inputs, dropout_on,
+                            dora_path)
+  return _merged_call(module, context, args, kwargs, config, shared)
 
 
 def base_norms(params, adapters: Mapping) -> dict:
@@ -226,9 +251,8 @@ def base_norms(params, adapters: Mapping) -> dict:
 
   The base kernels are frozen, so their squared column norms never change; pass
   the result as ``apply(..., base_norms=...)`` (:func:`wrap`) to skip that pass
-  over every ``W0`` in each step. It is the same float32 computation
-  :func:`dora_jax.init_adapters` starts the magnitudes from, so ``g = m / n`` is
-  exactly 1 at init.
+  over every ``W0`` in each step. It is :func:`dora_jax.core.column_norm_sq`, the
+  computation the magnitudes start from, so ``g = m / n`` is exactly 1 at init.
 
   Returns:
     ``{path: {"w0_norm_sq": [*stack, O] float32}}`` mirroring the adapters.
@@ -237,74 +261,66 @@ def base_norms(params, adapters: Mapping) -> dict:
   layouts = tree_lib.check_adapters(params, adapters)
   flat = {}
   for path, adapter in tree_lib.flatten_adapters(adapters).items():
-    if "magnitude" not in adapter:
+    if variants.MAGNITUDE not in adapter:
       continue
     module = tree_lib.get_path(params, path)
     w = module[tree_lib.weight_key(module)]
-    w32 = jnp.reshape(w, layouts[path].matrix_shape(tuple(w.shape))).astype(jnp.float32)
-    flat[path] = {NORM_KEY: jnp.sum(w32 * w32, axis=-2)}
+    w_mat = jnp.reshape(w, layouts[path].matrix_shape(tuple(w.shape)))
+    flat[path] = {NORM_KEY: tree_lib._stacked(core.column_norm_sq, layouts[path].stack)(w_mat)}
   return tree_lib.unflatten(flat)
-
-
-def _flatten_norms(norms: Mapping, prefix: tuple[str, ...] = ()) -> dict[str, Array]:
-  if NORM_KEY in norms:
-    return {"/".join(prefix): norms[NORM_KEY]}
-  out = {}
-  for k, v in norms.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten_norms(v, prefix + (str(k),)))
-  return out
 
 
 def _insert_norms(params: Mapping, norms: Mapping) -> dict:
   """Params (adapters combined) with each cached ``||W0||²_c`` next to its kernel."""
   out = params
-  for path, norm in _flatten_norms(norms).items():
+  flat = {path[: -len(NORM_KEY) - 1] if path != NORM_KEY else "": v
+          for path, v in tree_lib.flatten_norms(norms).items()}
+  for path, norm in flat.items():
     try:
       target = tree_lib.get_path(out, path)
     except (KeyError, TypeError):
       target = None
-    if not isinstance(target, Mapping) or "magnitude" not in target:
+    if not isinstance(target, Mapping) or variants.MAGNITUDE not in target:
       raise ValueError(f"base_norms has an entry at '{path}', where the params have no DoRA adapter.")
     out = tree_lib.set_path(out, path, {**target, NORM_KEY: norm})
   return out
 
 
-def wrap(apply_fn: Callable, config: LoraConfig, *, dora_path: str = "factored") -> Callable:
+def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH) -> Callable:
   """Runs a Linen model's ``apply`` with adapters.
 
   Args:
     apply_fn: ``model.apply`` (or any function taking a variables dict first).
-    config: the adapter config the adapters were made with.
+    config: the adapter config the adapters were made with (:class:`~dora_jax.LoraConfig`,
+      :class:`~dora_jax.VeraConfig`).
     dora_path: how DoRA layers (Dense, DenseGeneral, Einsum) run; all give the
-      same outputs and gradients up to rounding:
+      same outputs and gradients up to rounding (:mod:`dora_jax.variants.dora`):
 
-      - ``"factored"`` (default): ``y0 + (g − 1)·(x W0) + g·s·(xA)B`` from the
-        module's own output ``y0``, differentiated by autodiff (which keeps the
-        un-scaled output ``u`` of each layer for ``∇m``).
-      - ``"custom_vjp"``: the same forward with a hand-written backward that keeps
-        the output ``y`` instead (``∇m = Σ dy ⊙ (y − b) / m``) and a norm computed
-        from the kernel's own dtype with float32 accumulation. Less activation
-        memory. With adapter dropout active it runs ``"factored"`` (``u`` cannot
-        be recovered from ``y`` there).
-      - ``"merged"``: materialize ``W' = m ⊙ (W0 + sAB) / ||W0 + sAB||_c`` and run
-        the module on it (the reference; an ``[I, O]`` temporary per layer).
-        With adapter dropout active it runs ``"factored"`` (a merged weight
-        cannot drop the adapter's input only).
+      - ``"custom_vjp"`` (default, the lean path): ``y0 + (g − 1)·(x W0) + g·ΔW x``
+        from the module's own output ``y0``, with a backward that keeps the output
+        ``y`` instead of ``u = x W0 + ΔW x`` (``∇m = Σ dy ⊙ (y − b) / m``; exact for
+        zero magnitudes too) and the norm from the kernel's own dtype with float32
+        accumulation. With adapter dropout active it runs ``"factored"`` (said once).
+      - ``"factored"``: the same forward differentiated by autodiff (keeps ``u``).
+      - ``"merged"``: materialize ``W' = m ⊙ V / ||V||_c`` and run the module on it
+        (the reference; an ``[I, O]`` temporary per layer). With adapter dropout
+        active it runs ``"factored"`` (a merged weight cannot drop the adapter's
+        input only).
 
-      LoRA layers always run factored.
+      Layers without DoRA (LoRA, VeRA) always run ``y0 + ΔW x``.
 
   Raises:
-    ValueError: for an unknown ``dora_path``.
+    ValueError: for an unknown ``dora_path``; at call time, for adapters that do not
+      fit the params or were made with another method or DoRA switch.
 
   Returns:
     ``apply(params, adapters, *args, rngs=None, base_norms=None, **kwargs)``. ``params`` is the
     ``params`` collection, or a full variables dict with a ``"params"`` key
-    (other collections such as ``batch_stats`` are passed through).
-    ``base_norms`` (optional, from :func:`base_norms`) caches ``||W0||²_c`` for
-    the factored and custom_vjp paths.
-    The adapter dropout (``config.lora_dropout``) is active when ``rngs`` has
-    a ``"dropout"`` key, as Flax's own dropout conventions go.
+    (other collections such as ``batch_stats`` or a ``cache`` are passed through;
+    ``mutable=`` is forwarded to ``apply_fn``).
+    ``base_norms`` (optional, from :func:`base_norms`) caches ``||W0||²_c``.
+    The adapter dropout is active when ``rngs`` has a ``"dropout"`` key, as Flax's
+    own dropout conventions go.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, dora_jax
@@ -321,19 +337,21 @@ def wrap(apply_fn: Callable, config: LoraConfig, *, dora_path: str = "factored")
     True
   """
 
-  if dora_path not in DORA_PATHS:
-    raise ValueError(f"dora_path must be one of {list(DORA_PATHS)}, got {dora_path!r}.")
+  if dora_path not in dora.PATHS:
+    raise ValueError(f"dora_path must be one of {list(dora.PATHS)}, got {dora_path!r}.")
+  variants.config_variant(config)
 
   def apply(params, adapters, *args, rngs=None, base_norms=None, **kwargs):
     if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping):
       variables = dict(params)
     else:
       variables = {"params": params}
-    tree_lib.check_adapters(variables["params"], adapters)
+    tree_lib.check_adapters(variables["params"], adapters, config)
+    shared = {k: jax.lax.stop_gradient(v) for k, v in tree_lib.shared_leaves(adapters).items()}
     variables["params"] = tree_lib.combine(variables["params"], adapters)
     if base_norms is not None:
       variables["params"] = _insert_norms(variables["params"], base_norms)
-    with nn.intercept_methods(functools.partial(_interceptor, config, dora_path)):
+    with nn.intercept_methods(functools.partial(_interceptor, config, dora_path, shared)):
       return apply_fn(variables, *args, rngs=rngs, **kwargs)
 
   return apply

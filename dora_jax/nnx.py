@@ -49,9 +49,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dora_jax import core
-from dora_jax.factored import Projection, einsum_kernel_axes, factored_output
 from dora_jax import tree as tree_lib
+from dora_jax import variants
 from dora_jax.config import LoraConfig
+from dora_jax.projection import Projection, einsum_kernel_axes
+from dora_jax.variants import dora
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -61,11 +63,19 @@ SUPPORTED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 
 class Adapter(nnx.Variable):
-  """A trainable adapter parameter (``lora_a``, ``lora_b``, ``magnitude``).
+  """A trainable adapter parameter (``lora_a``, ``lora_b``, ``magnitude``, VeRA's vectors).
 
   Deliberately not a subclass of ``nnx.Param``: the filter ``Adapter`` selects the
   adapters only and ``nnx.Param`` the (frozen) base only.
   """
+
+
+class FrozenAdapter(nnx.Variable):
+  """A frozen adapter leaf (VeRA's shared projections): saved with the adapters, never trained."""
+
+
+class BaseNorm(nnx.Variable):
+  """The cached ``||W0||²_c`` ``[O]`` float32 of a DoRA layer's frozen kernel (not trained)."""
 
 
 # ---------------------------------------------------------------------------
@@ -153,11 +163,11 @@ def _projection(module: nnx.Module, x: Array, args, kwargs) -> Projection:
 # The wrapper module
 
 
-def _init_matrix_adapters(key: Array, mats: Mapping[str, Array], config: LoraConfig) -> dict[str, dict]:
+def _init_matrix_adapters(key: Array, mats: Mapping[str, Array], config: Any) -> dict:
   """Adapters for kernels given as ``{path: W0 [I, O]}``, by :func:`dora_jax.init_adapters`.
 
   The draws equal ``init_adapters(key, params, config)`` on the model's own params
-  (each module folds its path into ``key``).
+  (each module folds its path into ``key``); shared leaves are under ``"shared"``.
   """
   if "" in mats:  # the root module (then the only one)
     params = {"kernel": mats[""]}
@@ -165,88 +175,120 @@ def _init_matrix_adapters(key: Array, mats: Mapping[str, Array], config: LoraCon
     params = tree_lib.unflatten({p: {"kernel": w} for p, w in mats.items()})
   exact = dataclasses.replace(
       config, target_modules="|".join(re.escape(p) for p in mats), exclude_modules=None)
-  return tree_lib.flatten_adapters(tree_lib.init_adapters(key, params, exact))
+  adapters = tree_lib.init_adapters(key, params, exact)
+  return {**tree_lib.flatten_adapters(adapters), variants.SHARED_KEY: tree_lib.shared_leaves(adapters)}
 
 
 class AdaptedLinear(nnx.Module):
-  """An ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` with a LoRA or DoRA adapter.
+  """An ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` with an adapter of any method.
 
   Attributes:
     base_layer: the wrapped module (``kernel`` ``W0`` and ``bias`` stay ``nnx.Param``).
-    lora_a: :class:`Adapter` ``[I, r]``.
-    lora_b: :class:`Adapter` ``[r, O]``.
-    magnitude: :class:`Adapter` ``[O]`` (DoRA), else ``None``.
+    <leaf names>: the method's per-layer leaves as :class:`Adapter` variables (LoRA:
+      ``lora_a [I, r]``, ``lora_b [r, O]``), ``magnitude [O]`` for DoRA, and the shared
+      leaves (VeRA: ``vera_A``, ``vera_B``) as :class:`FrozenAdapter` variables that
+      every wrapper of the model references.
+    base_norm: :class:`BaseNorm` ``||W0||²_c`` ``[O]`` (DoRA), cached at wrap time.
     lora_dropout: an ``nnx.Dropout`` on the adapter input (``None`` when the rate is 0).
-    config: the :class:`LoraConfig`.
+    config: the adapter config. dora_path: see :mod:`dora_jax.variants.dora`.
 
   ``I``/``O`` are the products of the kernel's input/output axes; an Einsum kernel
   is first transposed to ``[inputs..., outputs...]`` (see :func:`kernel_matrix`).
+  The forward is :func:`dora_jax.variants.output`, the function the Linen front-end calls.
   """
 
   def __init__(
       self,
       base_layer: nnx.Module,
-      config: LoraConfig,
+      config: Any,
       *,
       rngs: nnx.Rngs,
       adapter: Mapping[str, Array] | None = None,
+      shared: Mapping[str, nnx.Variable] | None = None,
       deterministic: bool = False,
+      dora_path: str = dora.DEFAULT_PATH,
   ):
     """Wraps ``base_layer``.
 
     Args:
       base_layer: the module to adapt.
-      config: rank, scale, dropout, LoRA or DoRA, init.
+      config: rank, scale, dropout, method, DoRA switch, init.
       rngs: ``rngs.params()`` draws the init (unless ``adapter`` is given);
         the dropout forks ``rngs['dropout']``.
-      adapter: ``{"lora_a": [I, r], "lora_b": [r, O][, "magnitude": [O]]}`` to
-        start from instead of a fresh init.
+      adapter: one layer's adapter leaves (``{"lora_a": [I, r], ...}``) to start from
+        instead of a fresh init.
+      shared: the model's shared :class:`FrozenAdapter` variables (VeRA).
       deterministic: initial dropout mode (NNX's ``nnx.Dropout`` default is
         ``False``: active until ``model.eval()``).
+      dora_path: ``"custom_vjp"`` (default, lean) or ``"factored"``; ``"merged"`` is
+        the functional route (:func:`functional_apply`).
+
+    Raises:
+      ValueError: unsupported module, unknown ``dora_path``, adapter shapes that do not
+        fit the kernel or the config.
     """
     check_supported(base_layer)
+    if dora_path not in ("custom_vjp", "factored"):
+      raise ValueError(f"dora_path must be 'custom_vjp' or 'factored' for the module route,"
+                       f" got {dora_path!r}.")
+    variant = variants.config_variant(config)
     i_dim, o_dim = _matrix_dims(base_layer)
+    w_mat = kernel_matrix(base_layer)
+    shared = dict(shared or {})
     if adapter is None:
-      adapter = _init_matrix_adapters(rngs.params(), {"layer": kernel_matrix(base_layer)}, config)["layer"]
-    r = config.r
-    want = {"lora_a": (i_dim, r), "lora_b": (r, o_dim)}
-    if config.use_dora:
-      want["magnitude"] = (o_dim,)
-    got = {k: tuple(v.shape) for k, v in adapter.items()}
-    if got != want:
-      raise ValueError(
-          f"Adapter shapes {got} do not fit the {type(base_layer).__name__} kernel"
-          f" {tuple(base_layer.kernel.shape)} (I x O = {i_dim} x {o_dim}) with"
-          f" r={r}, use_dora={config.use_dora}: expected {want}.")
+      made = _init_matrix_adapters(rngs.params(), {"layer": w_mat}, config)
+      adapter = made["layer"]
+      shared = shared or {k: FrozenAdapter(v) for k, v in made[variants.SHARED_KEY].items()}
+    missing = [k for k in variant.shared if k not in shared]
+    if missing:
+      raise ValueError(f"{variant.name} adapters need the shared leaves {missing}: pass shared=.")
+    variants.check_matches_config(adapter, config, type(base_layer).__name__)
+    layout = tree_lib.layout_from_adapter("layer", (i_dim, o_dim), adapter)
+    del layout  # shapes checked against [I, O]
     self.base_layer = base_layer
     self.config = config
-    self.lora_a = Adapter(jnp.asarray(adapter["lora_a"]))
-    self.lora_b = Adapter(jnp.asarray(adapter["lora_b"]))
-    self.magnitude = Adapter(jnp.asarray(adapter["magnitude"])) if config.use_dora else nnx.data(None)
-    if config.lora_dropout > 0.0:
-      self.lora_dropout = nnx.Dropout(config.lora_dropout, deterministic=deterministic, rngs=rngs)
+    self.dora_path = dora_path
+    self.leaf_names = tuple(k for k in adapter)
+    self.shared_names = tuple(variant.shared)
+    for k, v in adapter.items():
+      setattr(self, k, Adapter(jnp.asarray(v)))
+    for k in variant.shared:
+      setattr(self, k, shared[k])
+    if config.use_dora:
+      self.base_norm = BaseNorm(core.column_norm_sq(w_mat))
+    else:
+      self.base_norm = nnx.data(None)
+      self.magnitude = nnx.data(None)
+    if config.adapter_dropout > 0.0:
+      self.lora_dropout = nnx.Dropout(config.adapter_dropout, deterministic=deterministic, rngs=rngs)
     else:
       self.lora_dropout = nnx.data(None)
+
+  def adapter(self) -> dict[str, Array]:
+    """This layer's adapter leaves as arrays."""
+    return {k: getattr(self, k)[...] for k in self.leaf_names}
+
+  def shared(self) -> dict[str, Array]:
+    """The shared (frozen) leaves as arrays."""
+    return {k: jax.lax.stop_gradient(getattr(self, k)[...]) for k in self.shared_names}
 
   def __call__(self, x: Array, *args, **kwargs) -> Array:
     """The adapted output; ``args``/``kwargs`` go to the base module (``einsum_str``, ``out_sharding``)."""
     base = self.base_layer
     y0 = base(x, *args, **kwargs)
     proj = _projection(base, x, args, kwargs)
-    a, b = self.lora_a[...], self.lora_b[...]
     drop = self.lora_dropout
     dropped = drop is not None and not drop.deterministic
     x_in = drop(x) if dropped else x
-    return factored_output(
-        proj, y0, x_in, kernel_matrix(base), a, b, self.config.scale,
-        None if self.magnitude is None else self.magnitude[...],
-        None if base.bias is None else base.bias[...], dropped)
+    return variants.output(
+        proj, y0, x_in, kernel_matrix(base), self.adapter(), self.config, shared=self.shared(),
+        bias=None if base.bias is None else base.bias[...], dropped=dropped,
+        path=self.dora_path, w0_norm_sq=None if self.base_norm is None else self.base_norm[...])
 
   def merged_kernel(self) -> Array:
-    """``W'`` in the base kernel's shape and dtype (:func:`dora_jax.core.merge_kernel`)."""
-    m = None if self.magnitude is None else self.magnitude[...]
-    w = core.merge_kernel(kernel_matrix(self.base_layer), self.lora_a[...], self.lora_b[...],
-                          self.config.scale, m)
+    """``W'`` in the base kernel's shape and dtype (:func:`dora_jax.variants.merge_kernel`)."""
+    w, _ = variants.merge_kernel(kernel_matrix(self.base_layer), self.adapter(), self.config,
+                                 self.shared())
     return kernel_from_matrix(self.base_layer, w)
 
 
@@ -297,46 +339,47 @@ def _candidates(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
           if (isinstance(m, AdaptedLinear) or _has_weight(m)) and not inside(p)]
 
 
-def select_modules(model: nnx.Module, config: LoraConfig) -> list[tuple[tuple, nnx.Module]]:
-  """``(path, module)`` of the modules ``config`` targets, as :func:`dora_jax.select_targets`.
+def _kind(module: Any) -> str:
+  if isinstance(module, AdaptedLinear):
+    return "adapted"  # "all-linear" skips it; naming it explicitly is an error (check_supported)
+  if isinstance(module, SUPPORTED_TYPES):
+    return "linear"
+  if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
+    return "conv"
+  return "embed" if isinstance(module, nnx.Embed) else "other"
 
-  Paths are the ``/``-joined attribute names and list indices (``layers/0/q_proj``).
-  ``"all-linear"`` takes every ``nnx.Linear``/``LinearGeneral``/``Einsum`` but an
-  ``lm_head``.
+
+def select_modules(model: nnx.Module, config: Any) -> list[tuple[tuple, nnx.Module]]:
+  """``(path, module)`` of the modules ``config`` targets: :func:`dora_jax.tree.select_paths`,
+  the rule the Linen front-end uses, on the paths ``layers/0/q_proj`` (attribute names and
+  list indices). ``"all-linear"`` takes every ``nnx.Linear``/``LinearGeneral``/``Einsum``
+  but an ``lm_head``.
 
   Raises:
-    ValueError: if nothing matches (listing the module paths that exist).
+    ValueError: if nothing (or a listed name) matches, with the module paths / near matches.
   """
   cands = _candidates(model)
-  if config.target_modules == "all-linear":
-    chosen = [(p, m) for p, m in cands if isinstance(m, SUPPORTED_TYPES)
-              and not (_path_str(p) == "lm_head" or _path_str(p).endswith("/lm_head"))]
-  else:
-    chosen = [(p, m) for p, m in cands if tree_lib._pattern_matches(_path_str(p), config.target_modules)]
-  chosen = [(p, m) for p, m in chosen if not tree_lib._pattern_matches(_path_str(p), config.exclude_modules)]
-  if not chosen:
-    shown = [f"{_path_str(p) or '<root>'} ({type(m).__name__})" for p, m in cands]
-    listing = "\n  ".join(shown[:60]) + ("\n  ..." if len(shown) > 60 else "")
-    raise ValueError(
-        f"target_modules={config.target_modules!r} (exclude_modules="
-        f"{config.exclude_modules!r}) matches no module. Modules with a kernel or"
-        f" embedding:\n  {listing}\nUse name suffixes such as 'q_proj' or a regex"
-        " matched in full against these paths.")
-  return chosen
+  by_path = {_path_str(p): (p, m) for p, m in cands}
+  chosen = tree_lib.select_paths(
+      [(_path_str(p), _kind(m), type(m).__name__) for p, m in cands], config)
+  return [by_path[c] for c in chosen]
 
 
 def apply_adapters(
-    model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs, *, deterministic: bool = False
+    model: nnx.Module, config: Any, rngs: nnx.Rngs, *, deterministic: bool = False,
+    dora_path: str = dora.DEFAULT_PATH,
 ) -> nnx.Module:
   """Wraps every module ``config`` targets in an :class:`AdaptedLinear`, in place.
 
   Args:
     model: an NNX model.
-    config: what to adapt and how.
+    config: what to adapt and how (:class:`~dora_jax.LoraConfig`, :class:`~dora_jax.VeraConfig`).
     rngs: ``rngs.params()`` draws one key ``k``; the adapters equal
       ``dora_jax.init_adapters(k, param_dict(model), config, layouts=kernel_layouts(model))``.
       The adapter dropouts fork ``rngs['dropout']``.
     deterministic: initial dropout mode (``model.train()`` / ``model.eval()`` switch it).
+    dora_path: how DoRA layers run (:mod:`dora_jax.variants.dora`; default the lean
+      ``"custom_vjp"``), as in :func:`dora_jax.wrap`.
 
   Returns:
     ``model`` (the wrapper itself if the root module is targeted).
@@ -344,16 +387,17 @@ def apply_adapters(
   Raises:
     ValueError: nothing matches (the message lists the paths); a targeted module is
       not an ``nnx.Linear``/``LinearGeneral``/``Einsum`` (the message names its type)
-      or is already adapted; ``r`` exceeds ``min(I, O)`` of a kernel.
+      or is already adapted; ``r`` exceeds what a kernel allows.
   """
   chosen = select_modules(model, config)
   for p, m in chosen:
     check_supported(m, _path_str(p))
   key = rngs.params()
-  adapters = _init_matrix_adapters(key, {_path_str(p): kernel_matrix(m) for p, m in chosen}, config)
+  made = _init_matrix_adapters(key, {_path_str(p): kernel_matrix(m) for p, m in chosen}, config)
+  shared = {k: FrozenAdapter(v) for k, v in made[variants.SHARED_KEY].items()}
   for p, m in chosen:
-    wrapper = AdaptedLinear(m, config, rngs=rngs, adapter=adapters[_path_str(p)],
-                            deterministic=deterministic)
+    wrapper = AdaptedLinear(m, config, rngs=rngs, adapter=made[_path_str(p)], shared=shared,
+                            deterministic=deterministic, dora_path=dora_path)
     model = _replace(model, p, wrapper)
   return model
 
@@ -387,10 +431,19 @@ def adapter_state(model: nnx.Module) -> nnx.State:
 def adapter_dict(model: nnx.Module) -> dict:
   """The adapters as the nested ``{str: ...}`` dict of :func:`dora_jax.init_adapters`.
 
-  ``{path: {"lora_a", "lora_b"[, "magnitude"]}}`` at each wrapper's path, ready for
-  :func:`dora_jax.merge` on :func:`param_dict` or for checkpointing.
+  ``{path: {"lora_a", "lora_b"[, "magnitude"]}}`` at each wrapper's path (and the
+  shared leaves under ``"shared"``), ready for :func:`dora_jax.merge` on
+  :func:`param_dict` or for checkpointing.
   """
-  return _str_keys(nnx.to_pure_dict(adapter_state(model)))
+  out = {}
+  shared = {}
+  for p, w in wrappers(model):
+    out[_path_str(p)] = w.adapter()
+    shared.update({k: getattr(w, k)[...] for k in w.shared_names})
+  out = tree_lib.unflatten(out) if "" not in out else out[""]
+  if shared:
+    out[variants.SHARED_KEY] = shared
+  return out
 
 
 # ---------------------------------------------------------------------------

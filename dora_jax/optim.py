@@ -7,7 +7,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from dora_jax.config import ADAPTER_KEYS
+from dora_jax import variants
 
 Array = jax.Array
 
@@ -23,15 +23,22 @@ def _leaf_name(path) -> str:
   return str(last)
 
 
+def _trainable_names() -> frozenset[str]:
+  return frozenset(k for k, spec in variants.leaf_specs().items() if spec.trainable)
+
+
 def adapter_labels(tree: Any) -> Any:
-  """Labels each leaf ``"adapter"`` (``lora_a``, ``lora_b``, ``magnitude``) or ``"frozen"``.
+  """Labels each leaf ``"adapter"`` (a trainable leaf of a registered method: ``lora_a``,
+  ``lora_b``, ``magnitude``, ``vera_lambda_d`` ...) or ``"frozen"`` (everything else,
+  VeRA's shared projections included).
 
   Works on any tree whose adapter leaves keep their names: an adapters tree,
   params combined with adapters (:func:`dora_jax.combine`), or a
   ``(params, adapters)`` tuple, where the whole first element is frozen.
   """
+  names = _trainable_names()
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: TRAINABLE if _leaf_name(p) in ADAPTER_KEYS else FROZEN, tree)
+      lambda p, _: TRAINABLE if _leaf_name(p) in names else FROZEN, tree)
 
 
 def trainable_mask(tree: Any) -> Any:
@@ -40,7 +47,8 @@ def trainable_mask(tree: Any) -> Any:
 
 
 def weight_decay_mask(tree: Any, *, decay_magnitude: bool = False) -> Any:
-  """``True`` where weight decay applies: ``lora_a``/``lora_b`` (and ``magnitude`` if asked).
+  """``True`` where weight decay applies: trainable adapter leaves whose method decays them
+  (``lora_a``/``lora_b``, VeRA's vectors), and ``magnitude`` only if asked.
 
   Decaying the DoRA magnitude pulls it towards 0, away from the base norm it
   starts at, so it is excluded by default.
@@ -48,7 +56,9 @@ def weight_decay_mask(tree: Any, *, decay_magnitude: bool = False) -> Any:
   Example:
     >>> tx = optax.adamw(1e-3, weight_decay=0.01, mask=weight_decay_mask)  # doctest: +SKIP
   """
-  keys = ("lora_a", "lora_b") + (("magnitude",) if decay_magnitude else ())
+  keys = {k for k, spec in variants.leaf_specs().items() if spec.trainable and spec.decay}
+  if decay_magnitude:
+    keys.add(variants.MAGNITUDE)
   return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) in keys, tree)
 
 

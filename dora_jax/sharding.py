@@ -68,6 +68,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dora_jax import tree as tree_lib
+from dora_jax import variants
 from dora_jax.config import LoraConfig
 from dora_jax.models.llama import LOGICAL_AXIS_RULES
 
@@ -340,23 +341,30 @@ def _flattened_axes(group: Sequence[MeshAxes]) -> MeshAxes:
   return group[0] if group else None
 
 
-def adapter_specs(kernel_spec: Sequence[MeshAxes], layout: tree_lib.KernelLayout) -> dict[str, P]:
-  """PartitionSpecs of ``lora_a``, ``lora_b``, ``magnitude`` from their kernel's spec.
+def adapter_specs(kernel_spec: Sequence[MeshAxes], layout: tree_lib.KernelLayout,
+                  leaves: Sequence[str] | None = None) -> dict[str, P]:
+  """PartitionSpecs of a layer's adapter leaves from their kernel's spec.
+
+  Each leaf's axes roles (:class:`dora_jax.variants.LeafSpec`) decide: an ``"in"`` axis
+  takes the spec of the kernel's first input axis, ``"out"`` of its first output axis,
+  ``"rank"`` is never sharded; stacked axes keep theirs.
 
   Args:
     kernel_spec: one entry per kernel axis ``[*stack, *in, *out]`` (padded with None).
     layout: the kernel's layout.
+    leaves: leaf names (default: LoRA's and ``magnitude``).
 
   Returns:
-    ``{"lora_a": P(*stack, in, None), "lora_b": P(*stack, None, out),
-    "magnitude": P(*stack, out)}``, ``in`` / ``out`` the spec of the first input /
-    output axis (see the module docstring).
+    ``{name: P}``, e.g. ``{"lora_a": P(*stack, in, None), "lora_b": P(*stack, None, out),
+    "magnitude": P(*stack, out)}`` (see the module docstring).
   """
   s, k = layout.stack, layout.inputs
   stack = tuple(kernel_spec[:s])
-  ins = _flattened_axes(kernel_spec[s : s + k])
-  outs = _flattened_axes(kernel_spec[s + k :])
-  return {"lora_a": P(*stack, ins, None), "lora_b": P(*stack, None, outs), "magnitude": P(*stack, outs)}
+  role = {"in": _flattened_axes(kernel_spec[s : s + k]),
+          "out": _flattened_axes(kernel_spec[s + k :]), "rank": None}
+  specs = variants.leaf_specs()
+  names = leaves if leaves is not None else ("lora_a", "lora_b", variants.MAGNITUDE)
+  return {n: P(*stack, *(role[r] for r in specs[n].axes)) for n in names}
 
 
 def adapter_shardings(adapters: Mapping, params: Any, params_shardings: Any, mesh: Mesh, *,
@@ -373,6 +381,7 @@ def adapter_shardings(adapters: Mapping, params: Any, params_shardings: Any, mes
   Returns:
     A tree mirroring ``adapters`` with a ``NamedSharding`` at each leaf (see
     :func:`adapter_specs`); a dimension its mesh axes do not divide is not sharded.
+    Shared leaves (VeRA's projections, ``adapters["shared"]``) are replicated.
   """
   layouts = tree_lib.check_adapters(params, adapters)
   plain = tree_lib.unbox(params)
@@ -389,13 +398,18 @@ def adapter_shardings(adapters: Mapping, params: Any, params_shardings: Any, mes
     except (KeyError, TypeError) as e:
       raise ValueError(f"params_shardings has no sharding for the kernel at '{path}/{key}';"
                        " pass the tree param_shardings() returned for these params.") from e
-    specs = adapter_specs(_spec_entries(kernel_sharding, len(kernel_shape)), layouts[path])
+    specs = adapter_specs(_spec_entries(kernel_sharding, len(kernel_shape)), layouts[path],
+                          tuple(adapter))
     flat[path] = {
         k: NamedSharding(mesh, fit_spec(specs[k], v.shape, mesh, what=f"{path}/{k}"))
         if k in specs else replicated(mesh)
         for k, v in adapter.items()
     }
-  return tree_lib.unflatten(flat)
+  out = tree_lib.unflatten(flat)
+  shared = tree_lib.shared_leaves(adapters)
+  if shared:  # one copy per model, small ([I_max, r], [r, O_max]): replicated
+    out[variants.SHARED_KEY] = {k: replicated(mesh) for k in shared}
+  return out
 
 
 def init_adapters_sharded(key: Array, params: Any, config: LoraConfig, params_shardings: Any,

@@ -2,8 +2,10 @@
 
 A *module* in a params tree is a dict holding a ``kernel`` (Dense, DenseGeneral,
 Einsum, Conv) or an ``embedding`` (Embed). Its path is the ``/``-joined keys
-leading to it, e.g. ``model/layers/self_attn/q_proj``. The adapters tree has a
-dict ``{"lora_a", "lora_b"[, "magnitude"]}`` at the same path.
+leading to it, e.g. ``model/layers/self_attn/q_proj``. The adapters tree has one
+layer's adapter dict at the same path — the leaves its method variant declares
+(LoRA: ``{"lora_a", "lora_b"}``), plus ``"magnitude"`` for DoRA — and, for methods
+whose leaves are shared by all layers (VeRA), those under ``adapters["shared"]``.
 
 A kernel is viewed as a matrix ``[*stack, I, O]``: ``stack`` leading axes added
 by ``nn.scan``/``nn.vmap``, then the input axes (flattened to ``I``), then the
@@ -13,17 +15,20 @@ output axes (flattened to ``O``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import zlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 from flax.core import meta
 
 from dora_jax import core
-from dora_jax.config import ADAPTER_KEYS, LoraConfig
+from dora_jax import variants
+from dora_jax.variants import SHARED_KEY
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -39,10 +44,14 @@ class KernelLayout:
   Attributes:
     stack: number of leading axes added by ``nn.scan`` / ``nn.vmap``.
     inputs: number of input (contracted) axes after the stacked ones.
+    kind: the layer type family (see below).
   """
 
   stack: int = 0
   inputs: int = 1
+  kind: str = dataclasses.field(default="linear", compare=False)
+  """``"linear"`` (Dense, DenseGeneral, Einsum), ``"conv"`` or ``"embed"``: what
+  ``target_modules="all-linear"`` selects from."""
 
   def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
     """``[*stack, I, O]`` for a kernel of this shape."""
@@ -112,31 +121,29 @@ def set_path(tree: Mapping, path: str, value: Any) -> dict:
 
 
 def flatten_adapters(adapters: Mapping) -> dict[str, dict[str, Array]]:
-  """``{path: {"lora_a", "lora_b"[, "magnitude"]}}`` for every adapter dict."""
+  """``{path: adapter dict}`` for every layer's adapter (the shared leaves left out)."""
   out: dict[str, dict[str, Array]] = {}
 
   def visit(node, prefix):
-    if isinstance(node, Mapping) and "lora_a" in node:
+    if variants.is_adapter(node):
       out["/".join(prefix)] = dict(node)
-      return
-    if isinstance(node, Mapping):
+    elif isinstance(node, Mapping):
       for k, v in node.items():
-        visit(v, prefix + (str(k),))
+        if not (not prefix and k == SHARED_KEY):
+          visit(v, prefix + (str(k),))
 
   visit(adapters, ())
   return out
 
 
+def shared_leaves(adapters: Mapping) -> dict[str, Array]:
+  """The leaves all layers share (``adapters["shared"]``: VeRA's projections), or ``{}``."""
+  return dict(adapters.get(SHARED_KEY, {})) if isinstance(adapters, Mapping) else {}
+
+
 def unflatten(flat: Mapping[str, Any]) -> dict:
-  """Inverse of a ``{path: value}`` flattening into nested dicts."""
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    keys = path.split("/")
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-    node[keys[-1]] = value
-  return out
+  """Inverse of a ``{"a/b/c": value}`` flattening into nested dicts."""
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 # ---------------------------------------------------------------------------
@@ -148,39 +155,87 @@ def _pattern_matches(path: str, spec) -> bool:
     return False
   if isinstance(spec, str):
     return re.fullmatch(spec, path) is not None
-  for target in spec:
-    t = target.replace(".", "/")
-    if path == t or path.endswith("/" + t):
-      return True
-  return False
+  return any(_name_matches(path, target) for target in spec)
 
 
-def select_targets(params: Params, config: LoraConfig) -> list[str]:
-  """Paths of the modules that ``config`` adapts, in tree order.
+def _name_matches(path: str, target: str) -> bool:
+  t = target.replace(".", "/")
+  return path == t or path.endswith("/" + t)
+
+
+def _is_output_layer(path: str) -> bool:
+  return path == "lm_head" or path.endswith("/lm_head")
+
+
+def select_paths(candidates: Sequence[tuple[str, str]], config: Any) -> list[str]:
+  """The one target rule of the library (Linen params and NNX modules alike).
+
+  Args:
+    candidates: ``(path, kind)`` or ``(path, kind, label)`` of every module with a kernel
+      or embedding, in tree order; ``kind`` is ``"linear"``, ``"conv"``, ``"embed"`` or
+      ``"other"``; ``label`` (default ``kind``) is what error messages show.
+    config: an adapter config (``target_modules``, ``exclude_modules``).
+
+  ``target_modules`` is a list of module-name suffixes (each must match at least one
+  module), a regex matched in full against the ``/``-joined path, or ``"all-linear"``:
+  every linear layer (Dense / DenseGeneral / Einsum, ``nnx.Linear`` / ``LinearGeneral``
+  / ``Einsum``) except the output layer ``lm_head`` — PEFT's meaning.
 
   Raises:
-    ValueError: if nothing matches; the message lists the module paths that exist.
+    ValueError: if a listed name matches no module (near matches are named), or if
+      nothing is selected (the existing paths are listed).
   """
-  params = unbox(params)
-  modules = list(iter_modules(params))
-  paths = [p for p, _ in modules]
-  if config.target_modules == "all-linear":
-    selected = [
-        p for p, m in modules
-        if "kernel" in m and not (p == "lm_head" or p.endswith("/lm_head"))
-    ]
+  candidates = [(c[0], c[1], c[2] if len(c) > 2 else c[1]) for c in candidates]
+  paths = [p for p, _, _ in candidates]
+  spec = config.target_modules
+  shown = "\n  ".join(f"{p or '<root>'} ({label})" for p, _, label in candidates[:60])
+  shown += "\n  ..." if len(candidates) > 60 else ""
+  listing = (f" Modules with a kernel or embedding:\n  {shown}\nUse name suffixes such as"
+             " 'q_proj', a regex matched in full against these paths, or 'all-linear'.")
+  if spec == "all-linear":
+    selected = [p for p, kind, _ in candidates if kind == "linear" and not _is_output_layer(p)]
+  elif isinstance(spec, str):
+    selected = [p for p in paths if _pattern_matches(p, spec)]
   else:
-    selected = [p for p in paths if _pattern_matches(p, config.target_modules)]
+    names = sorted({seg for p in paths for seg in p.split("/")})
+    for target in spec:
+      if not any(_name_matches(p, target) for p in paths):
+        near = difflib.get_close_matches(target.replace(".", "/").split("/")[-1], names, n=3)
+        raise ValueError(
+            f"target_modules entry {target!r} matches no module"
+            + (f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else "")
+            + "; every listed name must match a module." + listing)
+    selected = [p for p in paths if _pattern_matches(p, spec)]
   selected = [p for p in selected if not _pattern_matches(p, config.exclude_modules)]
   if not selected:
-    shown = "\n  ".join(paths[:60]) + ("\n  ..." if len(paths) > 60 else "")
+    hint = ""
+    if spec == "all-linear" and any(kind == "other" for _, kind, _ in candidates):
+      hint = (" Kernels marked (other) have more than 2 axes (nn.scan, DenseGeneral, Conv):"
+              " pass layouts=dora_jax.kernel_layouts(model, *example_inputs) so dora_jax knows"
+              " which are linear layers.")
     raise ValueError(
-        f"target_modules={config.target_modules!r} (exclude_modules="
-        f"{config.exclude_modules!r}) matches no module. Modules with a kernel or"
-        f" embedding:\n  {shown}\nUse name suffixes such as 'q_proj' or a regex"
-        " matched in full against these paths."
-    )
+        f"target_modules={spec!r} (exclude_modules={config.exclude_modules!r}) matches no"
+        " module." + hint + listing)
   return selected
+
+
+def module_kind(path: str, module: Mapping, layouts: Mapping[str, "KernelLayout"] | None) -> str:
+  """``kind`` of a params module for :func:`select_paths`: from its layout when known
+  (:func:`dora_jax.kernel_layouts` records the layer type), else a 2-D ``kernel`` is
+  linear and an ``embedding`` an embedding."""
+  if "kernel" not in module:
+    return "embed"
+  if layouts and path in layouts:
+    return layouts[path].kind
+  return "linear" if module["kernel"].ndim == 2 else "other"
+
+
+def select_targets(params: Params, config: Any, *,
+                   layouts: Mapping[str, "KernelLayout"] | None = None) -> list[str]:
+  """Paths of the params modules that ``config`` adapts, in tree order (:func:`select_paths`)."""
+  params = unbox(params)
+  cands = [(p, module_kind(p, m, layouts)) for p, m in iter_modules(params)]
+  return select_paths(cands, config)
 
 
 # ---------------------------------------------------------------------------
@@ -199,48 +254,54 @@ def default_layout(path: str, shape: tuple[int, ...]) -> KernelLayout:
   )
 
 
+def _adapter_dims(path: str, adapter: Mapping) -> tuple[tuple[int, ...], int | None, int | None]:
+  """``(stack shape, I or None, O or None)`` read off an adapter's leaves via their axes roles."""
+  variant = variants.adapter_variant(adapter, path)
+  stack, dims = None, {}
+  for name, leaf in adapter.items():
+    axes = variant.leaf_spec(name).axes
+    n_stack = leaf.ndim - len(axes)
+    if n_stack < 0:
+      raise ValueError(f"Adapter at '{path}': {name} has shape {leaf.shape}, expected"
+                       f" [*stack, {', '.join(axes)}].")
+    if stack is None:
+      stack = tuple(leaf.shape[:n_stack])
+    if tuple(leaf.shape[:n_stack]) != stack:
+      raise ValueError(f"Adapter at '{path}': its leaves disagree on the stacked axes"
+                       f" ({ {k: v.shape for k, v in adapter.items()} }).")
+    for role, size in zip(axes, leaf.shape[n_stack:]):
+      if dims.setdefault(role, size) != size:
+        raise ValueError(
+            f"Adapter at '{path}': {name} has shape {tuple(leaf.shape)}, but the other leaves"
+            f" give {role} size {dims[role]} ({ {k: tuple(v.shape) for k, v in adapter.items()} }).")
+  return stack or (), dims.get("in"), dims.get("out")
+
+
 def layout_from_adapter(path: str, kernel_shape: tuple[int, ...], adapter: Mapping) -> KernelLayout:
   """Recover the layout of a kernel from its adapter's shapes, checking they fit."""
-  a, b = adapter["lora_a"], adapter["lora_b"]
-  stack = a.ndim - 2
-  if stack < 0 or b.ndim != a.ndim:
+  stack_shape, i_dim, o_dim = _adapter_dims(path, adapter)
+  stack = len(stack_shape)
+  if tuple(kernel_shape[:stack]) != stack_shape:
     raise ValueError(
-        f"Adapter at '{path}': lora_a {a.shape} and lora_b {b.shape} must be"
-        " [*stack, I, r] and [*stack, r, O]."
-    )
-  i_dim, r = a.shape[-2], a.shape[-1]
-  o_dim = b.shape[-1]
-  if b.shape[-2] != r or a.shape[:stack] != b.shape[:stack]:
-    raise ValueError(
-        f"Adapter at '{path}': lora_a {a.shape} and lora_b {b.shape} disagree on"
-        " the rank or the stacked axes."
-    )
-  if tuple(kernel_shape[:stack]) != tuple(a.shape[:stack]):
-    raise ValueError(
-        f"Adapter at '{path}' has stacked axes {a.shape[:stack]} but the kernel has"
+        f"Adapter at '{path}' has stacked axes {stack_shape} but the kernel has"
         f" shape {kernel_shape}: these adapters were made for another model."
     )
   rest = kernel_shape[stack:]
   for k in range(1, len(rest)):
-    if math.prod(rest[:k]) == i_dim and math.prod(rest[k:]) == o_dim:
-      layout = KernelLayout(stack, k)
-      break
-  else:
-    raise ValueError(
-        f"Adapter at '{path}' (lora_a {a.shape}, lora_b {b.shape}) does not fit the"
-        f" kernel of shape {kernel_shape}: I x O = {i_dim} x {o_dim} is not a split"
-        " of its axes. These adapters were made for another model or config."
-    )
-  if "magnitude" in adapter and adapter["magnitude"].shape != (*a.shape[:stack], o_dim):
-    raise ValueError(
-        f"Adapter at '{path}': magnitude has shape {adapter['magnitude'].shape},"
-        f" expected {(*a.shape[:stack], o_dim)}."
-    )
-  return layout
+    if ((i_dim is None or math.prod(rest[:k]) == i_dim)
+        and (o_dim is None or math.prod(rest[k:]) == o_dim)):
+      return KernelLayout(stack, k)
+  shapes = {k: tuple(v.shape) for k, v in adapter.items()}
+  raise ValueError(
+      f"Adapter at '{path}' ({shapes}) does not fit the kernel of shape {kernel_shape}:"
+      f" I x O = {i_dim} x {o_dim} is not a split of its axes. These adapters were made"
+      " for another model or config."
+  )
 
 
-def check_adapters(params: Params, adapters: Mapping) -> dict[str, KernelLayout]:
-  """Checks that every adapter sits on a kernel it fits; returns their layouts.
+def check_adapters(params: Params, adapters: Mapping, config: Any = None) -> dict[str, KernelLayout]:
+  """Checks that every adapter sits on a kernel it fits (and, given ``config``, was
+  made with its method and DoRA switch); returns their layouts.
 
   Raises:
     ValueError: naming the first path that has no kernel or does not fit.
@@ -259,6 +320,8 @@ def check_adapters(params: Params, adapters: Mapping) -> dict[str, KernelLayout]
           f" there. The params' modules include: {existing}. Were these adapters"
           " made for another model?"
       )
+    if config is not None:
+      variants.check_matches_config(adapter, config, path)
     kernel = module[weight_key(module)]
     layouts[path] = layout_from_adapter(path, tuple(kernel.shape), adapter)
   return layouts
@@ -268,9 +331,9 @@ def check_adapters(params: Params, adapters: Mapping) -> dict[str, KernelLayout]
 # Stacked application of the per-kernel math
 
 
-def _stacked(fn: Callable, stack: int) -> Callable:
+def _stacked(fn: Callable, stack: int, in_axes=0) -> Callable:
   for _ in range(stack):
-    fn = jax.vmap(fn)
+    fn = jax.vmap(fn, in_axes=in_axes)
   return fn
 
 
@@ -278,10 +341,15 @@ def _path_key(key: Array, path: str) -> Array:
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
+def _kernel_matrix(module: Mapping, layout: KernelLayout) -> tuple[Array, tuple[int, ...]]:
+  w = module[weight_key(module)]
+  return jnp.reshape(w, layout.matrix_shape(tuple(w.shape))), tuple(w.shape)
+
+
 def init_adapters(
     key: Array,
     params: Params,
-    config: LoraConfig,
+    config: Any,
     *,
     layouts: Mapping[str, KernelLayout] | None = None,
 ) -> dict:
@@ -289,18 +357,23 @@ def init_adapters(
 
   Args:
     key: a PRNG key. Each module's adapter draws from ``fold_in(key, crc32(path))``,
-      so it does not depend on which other modules are targeted.
+      so it does not depend on which other modules are targeted; shared leaves
+      (VeRA) come from the config's own seed (``projection_prng_key``).
     params: the Linen ``params`` collection (boxed or not).
-    config: the adapter config.
+    config: the adapter config (:class:`~dora_jax.LoraConfig`, :class:`~dora_jax.VeraConfig`).
     layouts: ``{path: KernelLayout}`` for kernels that are not plain 2-D
       (stacked by ``nn.scan``, ``DenseGeneral``, ``Einsum``, ``Conv``); see
       :func:`dora_jax.kernel_layouts`.
 
   Returns:
-    A nested dict mirroring ``params``: at each targeted module path,
-    ``{"lora_a": [*stack, I, r], "lora_b": [*stack, r, O]}`` plus
-    ``"magnitude": [*stack, O]`` for DoRA, in ``config.adapter_dtype``.
-    With the default init the adapted model equals the base model.
+    A nested dict mirroring ``params``: at each targeted module path the variant's
+    leaves (LoRA: ``{"lora_a": [*stack, I, r], "lora_b": [*stack, r, O]}``) plus
+    ``"magnitude": [*stack, O]`` for DoRA, in ``config.adapter_dtype``; shared leaves
+    under ``"shared"``. With the default init the adapted model equals the base model.
+
+  Raises:
+    ValueError: nothing (or a listed name) matches; a kernel needs a layout; ``r`` is
+      larger than a kernel allows.
 
   Example:
     >>> import jax, flax.linen as nn, dora_jax
@@ -313,60 +386,38 @@ def init_adapters(
   """
   params = unbox(params)
   layouts = dict(layouts or {})
-  dtype = config.adapter_dtype
-  flat = {}
-  for path in select_targets(params, config):
+  variant = variants.config_variant(config)
+  mats = {}
+  for path in select_targets(params, config, layouts=layouts):
     module = get_path(params, path)
     w = module[weight_key(module)]
     layout = layouts.get(path) or default_layout(path, tuple(w.shape))
-    mshape = layout.matrix_shape(tuple(w.shape))
-    *stack_shape, i_dim, o_dim = mshape
-    if config.r > min(i_dim, o_dim):
+    *_, i_dim, o_dim = layout.matrix_shape(tuple(w.shape))
+    max_r = getattr(config, "max_rank", lambda i, o: min(i, o))(i_dim, o_dim)
+    if config.r > max_r:
       raise ValueError(
           f"r={config.r} is larger than the module '{path}' allows: its kernel is"
           f" {i_dim} x {o_dim} (inputs x outputs), so the rank can be at most"
-          f" {min(i_dim, o_dim)}. Lower r or exclude this module."
+          f" {max_r}. Lower r or exclude this module."
       )
-    ka, kb = jax.random.split(_path_key(key, path))
-    a_shape = (*stack_shape, i_dim, config.r)
-    b_shape = (*stack_shape, config.r, o_dim)
-    if config.init_lora_weights == "gaussian":
-      a = core.gaussian_a(ka, a_shape, dtype)
-    else:
-      a = core.kaiming_uniform_a(ka, a_shape, dtype)
-    if config.init_lora_weights is False:
-      b = core.kaiming_uniform_a(kb, b_shape, dtype)
-    else:
-      b = jnp.zeros(b_shape, dtype)
-    adapter = {"lora_a": a, "lora_b": b}
-    if config.use_dora:
-      w_mat = jnp.reshape(w, mshape)
-      norm = _stacked(
-          lambda w_, a_, b_: core.factored_column_norm(w_, a_, b_, config.scale),
-          layout.stack,
-      )(w_mat, a, b)
-      adapter["magnitude"] = norm.astype(dtype)
-    flat[path] = adapter
-  return unflatten(flat)
-
-
-def _merge_one(w, adapter, layout, scale, return_norm):
-  mshape = layout.matrix_shape(tuple(w.shape))
-  w_mat = jnp.reshape(w, mshape)
-  a, b = adapter["lora_a"], adapter["lora_b"]
-  m = adapter.get("magnitude")
-
-  def one(w_, a_, b_, m_):
-    v = w_.astype(jnp.float32) + core.lora_delta(a_, b_, scale)
-    n = core.column_norm(v)
-    out = v if m_ is None else v * core.dora_column_scale(m_, n)
-    return out.astype(w_.dtype), n
-
-  if m is None:
-    merged, norm = _stacked(lambda w_, a_, b_: one(w_, a_, b_, None), layout.stack)(w_mat, a, b)
-  else:
-    merged, norm = _stacked(one, layout.stack)(w_mat, a, b, m)
-  return jnp.reshape(merged, w.shape), norm
+    mats[path] = (module, layout)
+  shared = {}
+  if variant.init_shared is not None:
+    dims = [layout.matrix_shape(tuple(m[weight_key(m)].shape))[-2:] for m, layout in mats.values()]
+    shared = variant.init_shared(max(i for i, _ in dims), max(o for _, o in dims), config)
+  flat = {}
+  for path, (module, layout) in mats.items():
+    w_mat, _ = _kernel_matrix(module, layout)
+    stack_shape = w_mat.shape[:-2]
+    keys = _path_key(key, path)
+    if stack_shape:  # one key per stacked layer
+      keys = jax.random.split(keys, math.prod(stack_shape)).reshape(stack_shape)
+    init = lambda k, w_: variants.init_adapter(k, w_, config, shared)
+    flat[path] = _stacked(init, layout.stack)(keys, w_mat)
+  out = unflatten(flat)
+  if shared:
+    out[SHARED_KEY] = shared
+  return out
 
 
 def _replace_weight(params, path, new_w):
@@ -377,84 +428,90 @@ def _replace_weight(params, path, new_w):
   return set_path(params, path, {**module, key: value})
 
 
-def merge(params: Params, adapters: Mapping, config: LoraConfig, *, return_norms: bool = False):
+def _per_layer(fn: Callable, layout: KernelLayout, shared: Mapping) -> Callable:
+  """``fn(w_mat, adapter, shared, *rest)`` vmapped over the stacked axes (``shared`` broadcast)."""
+  one = lambda w_, ad_, *rest: fn(w_, ad_, shared, *rest)
+  return _stacked(one, layout.stack)
+
+
+def merge(params: Params, adapters: Mapping, config: Any, *, return_norms: bool = False):
   """Folds the adapters into the kernels: plain params the unmodified model runs.
 
-  Each adapted kernel becomes ``W' = m ⊙ V' / ||V'||_c`` (DoRA) or ``V'``
-  (LoRA), with ``V' = W0 + s·A B``, in the kernel's dtype.
+  Each adapted kernel becomes ``W' = m ⊙ V / ||V||_c`` (DoRA) or ``V`` (otherwise),
+  ``V = W0 + ΔW`` with the variant's ``ΔW`` (LoRA: ``s·A B``), in the kernel's dtype.
 
   Args:
     params: the base ``params`` (boxed or not; boxes are kept).
     adapters: from :func:`init_adapters` (or training).
-    config: the adapter config (for the scale).
-    return_norms: also return ``{path: ||V'||_c}`` (nested like ``adapters``),
+    config: the adapter config the adapters were made with.
+    return_norms: also return ``{path: ||V||_c}`` (nested like ``adapters``),
       which :func:`unmerge` needs to invert a DoRA merge.
 
   Returns:
     The merged params, or ``(merged, norms)``.
+
+  Raises:
+    ValueError: if an adapter does not fit its kernel or was made with another config.
   """
-  layouts = check_adapters(params, adapters)
+  layouts = check_adapters(params, adapters, config)
+  shared = shared_leaves(adapters)
   plain = unbox(params)
   out = params
   norms = {}
   for path, adapter in flatten_adapters(adapters).items():
-    module = get_path(plain, path)
-    merged, norm = _merge_one(module[weight_key(module)], adapter, layouts[path], config.scale, True)
-    out = _replace_weight(out, path, merged)
+    w_mat, shape = _kernel_matrix(get_path(plain, path), layouts[path])
+    fn = lambda w_, ad_, sh_: variants.merge_kernel(w_, ad_, config, sh_)
+    merged, norm = _per_layer(fn, layouts[path], shared)(w_mat, adapter)
+    out = _replace_weight(out, path, jnp.reshape(merged, shape))
     norms[path] = norm
   return (out, unflatten(norms)) if return_norms else out
 
 
-def unmerge(merged: Params, adapters: Mapping, config: LoraConfig, norms: Mapping | None = None) -> Params:
+def unmerge(merged: Params, adapters: Mapping, config: Any, norms: Mapping | None = None) -> Params:
   """Inverse of :func:`merge`: recovers the base params.
 
   LoRA needs only the adapters. DoRA also needs ``norms`` from
   ``merge(..., return_norms=True)``: a merged DoRA kernel keeps the direction of
-  ``V'`` but not its length.
+  ``V`` but not its length.
+
+  Raises:
+    ValueError: if a DoRA adapter's norm is missing or of the wrong shape.
   """
-  layouts = check_adapters(merged, adapters)
+  layouts = check_adapters(merged, adapters, config)
+  shared = shared_leaves(adapters)
   plain = unbox(merged)
   flat_norms = flatten_norms(norms) if norms is not None else {}
   out = merged
   for path, adapter in flatten_adapters(adapters).items():
-    module = get_path(plain, path)
-    w = module[weight_key(module)]
-    layout = layouts[path]
-    mshape = layout.matrix_shape(tuple(w.shape))
-    m = adapter.get("magnitude")
-    if m is not None and path not in flat_norms:
-      raise ValueError(
-          f"Unmerging the DoRA kernel at '{path}' needs its norm ||W0 + sAB||_c from"
-          " merge time (a merged DoRA weight keeps only its direction): call"
-          " merge(..., return_norms=True) and pass the norms to unmerge."
-      )
-    fn = lambda w_, a_, b_, m_, n_: core.unmerge_kernel(w_, a_, b_, config.scale, m_, n_)
-    if m is None:
-      base = _stacked(lambda w_, a_, b_: core.unmerge_kernel(w_, a_, b_, config.scale), layout.stack)(
-          jnp.reshape(w, mshape), adapter["lora_a"], adapter["lora_b"])
+    w_mat, shape = _kernel_matrix(get_path(plain, path), layouts[path])
+    if variants.MAGNITUDE in adapter:
+      if path not in flat_norms:
+        raise ValueError(
+            f"Unmerging the DoRA kernel at '{path}' needs its norm ||W0 + ΔW||_c from"
+            " merge time (a merged DoRA weight keeps only its direction): call"
+            " merge(..., return_norms=True) and pass the norms to unmerge.")
+      norm = flat_norms[path]
+      if tuple(norm.shape) != tuple(adapter[variants.MAGNITUDE].shape):
+        raise ValueError(
+            f"unmerge: the norm at '{path}' has shape {tuple(norm.shape)}, expected"
+            f" {tuple(adapter[variants.MAGNITUDE].shape)} (the magnitude's): pass the norms"
+            " merge(..., return_norms=True) returned for these adapters.")
+      fn = lambda w_, ad_, sh_, n_: variants.unmerge_kernel(w_, ad_, config, sh_, n_)
+      base = _per_layer(fn, layouts[path], shared)(w_mat, adapter, norm)
     else:
-      base = _stacked(fn, layout.stack)(
-          jnp.reshape(w, mshape), adapter["lora_a"], adapter["lora_b"], m, flat_norms[path])
-    out = _replace_weight(out, path, jnp.reshape(base, w.shape))
+      fn = lambda w_, ad_, sh_: variants.unmerge_kernel(w_, ad_, config, sh_)
+      base = _per_layer(fn, layouts[path], shared)(w_mat, adapter)
+    out = _replace_weight(out, path, jnp.reshape(base, shape))
   return out
 
 
 def flatten_norms(norms: Mapping) -> dict[str, Array]:
-  out = {}
-
-  def visit(node, prefix):
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        visit(v, prefix + (str(k),))
-    else:
-      out["/".join(prefix)] = node
-
-  visit(norms, ())
-  return out
+  """``{path: norm}`` of a nested norms tree (from :func:`merge`)."""
+  return traverse_util.flatten_dict(dict(norms), sep="/") if norms else {}
 
 
 def decompose(
-    params: Params, config: LoraConfig, *, layouts: Mapping[str, KernelLayout] | None = None
+    params: Params, config: Any, *, layouts: Mapping[str, KernelLayout] | None = None
 ) -> tuple[dict, dict]:
   """The paper's decomposition ``W = m ⊙ V / ||V||_c`` of every targeted kernel.
 
@@ -466,7 +523,7 @@ def decompose(
   params = unbox(params)
   layouts = dict(layouts or {})
   mags, dirs = {}, {}
-  for path in select_targets(params, config):
+  for path in select_targets(params, config, layouts=layouts):
     module = get_path(params, path)
     w = module[weight_key(module)]
     layout = layouts.get(path) or default_layout(path, tuple(w.shape))
@@ -477,10 +534,11 @@ def decompose(
 
 
 def combine(params: Params, adapters: Mapping) -> dict:
-  """Params with each adapter's leaves inserted next to its kernel.
+  """Params with each layer's adapter leaves inserted next to its kernel.
 
   This is the tree the Linen model sees under :func:`dora_jax.wrap`: ``nn.scan``
-  and ``nn.remat`` then slice adapters together with their kernels.
+  and ``nn.remat`` then slice adapters together with their kernels. Shared leaves
+  are not inserted (the front-end passes them separately).
   """
   out = params
   for path, adapter in flatten_adapters(adapters).items():
@@ -494,21 +552,15 @@ def combine(params: Params, adapters: Mapping) -> dict:
 
 def split(combined: Params) -> tuple[dict, dict]:
   """Inverse of :func:`combine`: ``(params, adapters)``."""
+  names = variants.layer_leaf_names()
+  flat = traverse_util.flatten_dict(dict(combined), sep="/")
   params, adapters = {}, {}
-
-  def visit(node, prefix):
-    if isinstance(node, Mapping) and "lora_a" in node:
-      path = "/".join(prefix)
-      adapters[path] = {k: v for k, v in node.items() if k in ADAPTER_KEYS}
-      params[path] = {k: v for k, v in node.items() if k not in ADAPTER_KEYS}
-      return
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        visit(v, prefix + (str(k),))
+  for key, value in flat.items():
+    head, _, leaf = key.rpartition("/")
+    if leaf in names and variants.is_adapter(get_path(combined, head) if head else combined):
+      adapters[key] = value
     else:
-      params["/".join(prefix)] = node
-
-  visit(combined, ())
+      params[key] = value
   return unflatten(params), unflatten(adapters)
 
 

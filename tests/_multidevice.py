@@ -125,10 +125,10 @@ def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
   return shapes
 
 
-def kernel_shapes(params) -> list[tuple[int, ...]]:
+def kernel_shapes(params, layouts) -> list[tuple[int, ...]]:
   """Shapes of the adapted kernels, stacked and per layer."""
   plain = dora_jax.tree.unbox(params)
-  targets = set(dora_jax.select_targets(plain, LORA))
+  targets = set(dora_jax.select_targets(plain, LORA, layouts=layouts))
   shapes = set()
   for path, module in dora_jax.tree.iter_modules(plain):
     if path in targets:
@@ -189,7 +189,7 @@ def main_all() -> None:
 
   # Loss curves; the tensor-only mesh's HLO must not gather a full kernel.
   out["losses"], out["hlo"] = {}, {}
-  kernels = kernel_shapes(ref["params"])
+  kernels = kernel_shapes(ref["params"], dora_jax.kernel_layouts(model, example))
   for spec in (*LOSS_MESHES, HLO_MESH):
     mesh = mesh_of(spec)
     state = states.get(spec) or make_state(mesh, model, example, init_values=values)

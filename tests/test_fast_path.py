@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import dora_jax
-from dora_jax import factored
+from dora_jax import core
 from dora_jax import linen as dlinen
 
 RNG = np.random.default_rng(7)
@@ -89,7 +89,7 @@ def test_every_path_matches_numpy_peft(path):
 def test_gradients_match_autodiff_path_float32(path):
   model, x, params, cfg, ad = make()
   dy = jnp.asarray(rand(3, 7, 5))
-  want = grads_of(dora_jax.wrap(model.apply, cfg), params, ad, x, dy)
+  want = grads_of(dora_jax.wrap(model.apply, cfg, dora_path="factored"), params, ad, x, dy)
   got = grads_of(dora_jax.wrap(model.apply, cfg, dora_path=path), params, ad, x, dy)
   assert_trees_close(got, want, rtol=2e-5, atol=2e-5)
 
@@ -118,7 +118,7 @@ def test_custom_vjp_magnitude_gradient_is_the_papers():
 def test_gradients_match_autodiff_path_bfloat16(path):
   model, x, params, cfg, ad = make(jnp.bfloat16)
   dy = jnp.asarray(rand(3, 7, 5))
-  f_ref = dora_jax.wrap(model.apply, cfg)
+  f_ref = dora_jax.wrap(model.apply, cfg, dora_path="factored")  # autodiff reference
   f = dora_jax.wrap(model.apply, cfg, dora_path=path)
   np.testing.assert_allclose(np.asarray(f(params, ad, x), np.float32),
                              np.asarray(f_ref(params, ad, x), np.float32), rtol=3e-2, atol=3e-2)
@@ -142,7 +142,7 @@ def test_init_equals_base_on_every_path():
 def test_dropout_runs_the_factored_form(path):
   model, x, params, cfg, ad = make(dropout=0.3)
   rngs = {"dropout": jax.random.key(3)}
-  want = dora_jax.wrap(model.apply, cfg)(params, ad, x, rngs=rngs)
+  want = dora_jax.wrap(model.apply, cfg, dora_path="factored")(params, ad, x, rngs=rngs)
   got = dora_jax.wrap(model.apply, cfg, dora_path=path)(params, ad, x, rngs=rngs)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -169,7 +169,7 @@ def test_dense_general_and_einsum_match_autodiff_path(path):
   for k in ad:
     ad[k]["magnitude"] = ad[k]["magnitude"] * jnp.linspace(0.5, 1.5, ad[k]["magnitude"].shape[-1])
   dy = jnp.asarray(rand(2, 5, 3))
-  f_ref = dora_jax.wrap(model.apply, cfg)
+  f_ref = dora_jax.wrap(model.apply, cfg, dora_path="factored")  # autodiff reference
   f = dora_jax.wrap(model.apply, cfg, dora_path=path)
   np.testing.assert_allclose(f(params, ad, x), f_ref(params, ad, x), rtol=2e-5, atol=2e-5)
   assert_trees_close(grads_of(f, params, ad, x, dy), grads_of(f_ref, params, ad, x, dy), 5e-5, 5e-5)
@@ -177,10 +177,10 @@ def test_dense_general_and_einsum_match_autodiff_path(path):
 
 def test_lowp_norm_keeps_the_kernel_dtype_and_matches_float32():
   w = jnp.asarray(rand(33, 9)).astype(jnp.bfloat16)
-  got = factored.column_norm_sq_lowp(w)
+  got = core.column_norm_sq(w)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, (np.asarray(w, np.float64) ** 2).sum(0), rtol=1e-6)
-  jaxpr = str(jax.make_jaxpr(factored.column_norm_sq_lowp)(w))
+  jaxpr = str(jax.make_jaxpr(core.column_norm_sq)(w))
   assert "convert_element_type" not in jaxpr  # no float32 copy of the kernel
 
 

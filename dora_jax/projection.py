@@ -1,15 +1,15 @@
-"""The factored adapted forward of one linear layer, in einsum letters.
+"""How a linear layer contracts its input with its kernel, in einsum letters.
 
-Shared by the Linen interceptor (:mod:`dora_jax.linen`) and the NNX wrapper
-(:mod:`dora_jax.nnx`): given the base module's own output ``y0 = x W0 + b``,
-:func:`factored_output` adds the low-rank term and the DoRA column scale
-without forming ``W'`` (PEFT semantics: the bias is never rescaled).
+:class:`Projection` views a Dense / DenseGeneral / Einsum kernel as a matrix
+``W0: [I, O]`` and computes ``x A``, ``h B``, ``x W0``, their transposes and
+per-output-feature broadcasts in the layer's own output layout, so the adapter
+terms are added to the module's output ``y0`` without reshaping ``x`` or ``y``.
+Shared by the Linen and NNX front-ends.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import string
 from typing import Sequence
@@ -18,22 +18,9 @@ import jax
 import jax.numpy as jnp
 import opt_einsum
 
-from dora_jax import core
-
 Array = jax.Array
 _F32 = jnp.float32
 
-DORA_PATHS = ("factored", "custom_vjp", "merged")
-"""How a DoRA layer runs in training (:func:`dora_jax.wrap`'s ``dora_path``):
-
-- ``"factored"``: the factored forward below, differentiated by autodiff. It keeps
-  the un-scaled output ``u = x W0 + s(xA)B`` of every layer for ``∇m``.
-- ``"custom_vjp"``: the same forward under a ``jax.custom_vjp`` that keeps the layer's
-  output ``y`` instead (``∇m = Σ dy ⊙ (y − b) / m``), a buffer the next op usually keeps
-  anyway, and computes the norm from the kernel's own dtype with float32 accumulation.
-- ``"merged"``: materializes ``W'`` and runs the module's own op on it (the reference;
-  handled by the framework glue, not here).
-"""
 
 @dataclasses.dataclass(frozen=True)
 class Projection:
@@ -176,160 +163,6 @@ class Projection:
   def output_bias(self, bias: Array) -> Array:
     """A module's bias (its output axes in ``y``'s order, as Flax stores it) broadcastable against ``y``."""
     return bias.reshape(self._out_broadcast_shape())
-
-
-def factored_output(
-    proj: Projection,
-    y0: Array,
-    x_in: Array,
-    w_mat: Array,
-    a: Array,
-    b: Array,
-    scale: float,
-    magnitude: Array | None = None,
-    bias: Array | None = None,
-    dropped: bool = False,
-    path: str = "factored",
-    w0_norm_sq: Array | None = None,
-) -> Array:
-  """The adapted output from the base output, without forming ``W'`` (PEFT semantics).
-
-  Args:
-    proj: how the layer contracts its input with the kernel matrix.
-    y0: the base module's output ``x W0 + b`` (its dtype is the compute dtype).
-    x_in: the adapter's input: ``drop(x)`` when ``dropped``, else ``x``.
-    w_mat: the base kernel as ``[I, O]``.
-    a: ``[I, r]``. b: ``[r, O]``. scale: ``s``.
-    magnitude: DoRA's ``m [O]``; ``None`` for LoRA.
-    bias: the module's bias (needed for DoRA without dropout: ``x W0 = y0 − b``).
-    dropped: whether ``x_in`` is a dropped-out input; then DoRA computes
-      ``drop(x) W0`` with one more matmul, as PEFT does.
-    path: ``"factored"`` (autodiff) or ``"custom_vjp"`` (:func:`dora_scaled_output`;
-      DoRA without dropout only, other cases run ``"factored"``). See :data:`DORA_PATHS`.
-    w0_norm_sq: optional cached ``||W0||²_c`` ``[O]`` float32 (it never changes).
-
-  Returns:
-    LoRA ``y0 + s·(x_in A) B``; DoRA ``y0 + (g − 1)·(x_in W0) + g·s·(x_in A) B`` with
-    ``g = m / sg(||W0 + sAB||_c)``, in ``y0``'s dtype.
-  """
-  if path not in ("factored", "custom_vjp"):
-    raise ValueError(f"factored_output path must be 'factored' or 'custom_vjp', got {path!r}.")
-  dt = y0.dtype
-  if (path == "custom_vjp" and magnitude is not None and not dropped
-      and proj.keeps_free_axes):
-    return dora_scaled_output(proj, y0, x_in, w_mat, a, b, scale, magnitude, bias, w0_norm_sq)
-  low = scale * proj.low_rank(x_in, a, b, dt)
-  if magnitude is None:
-    return (y0.astype(_F32) + low).astype(dt)
-  norm = core.factored_column_norm(w_mat, a, b, scale, w0_norm_sq)
-  g = proj.per_output(core.dora_column_scale(magnitude, norm))
-  if dropped:
-    base = proj.base(x_in, w_mat, dt)
-  else:
-    base = y0.astype(_F32)
-    if bias is not None:
-      base = base - proj.output_bias(bias).astype(_F32)
-  return (y0.astype(_F32) + (g - 1.0) * base + g * low).astype(dt)
-
-
-# ---------------------------------------------------------------------------
-# The custom_vjp path
-
-
-def column_norm_sq_lowp(w_mat: Array) -> Array:
-  """``||W0||²_c`` ``[O]`` float32 from ``w_mat: [I, O]`` in its own dtype.
-
-  A dot with float32 accumulation (``preferred_element_type``), never
-  ``w.astype(float32)``: under ``nn.scan`` XLA may hoist such a cast out of the
-  loop and hold a float32 copy of every stacked base kernel. bf16 products are
-  exact in float32, so this equals the float32 norm up to the summation order.
-  """
-  return jax.lax.dot_general(w_mat, w_mat, (((0,), (0,)), ((1,), (1,))),
-                             preferred_element_type=_F32)
-
-
-def direction_norm(w_mat: Array, a: Array, b: Array, scale: float,
-                   w0_norm_sq: Array | None = None) -> Array:
-  """Detached ``||W0 + s·A B||_c`` ``[O]`` float32, with no float32 copy of ``W0``."""
-  if w0_norm_sq is None:
-    w0_norm_sq = column_norm_sq_lowp(w_mat)
-  norm = core.factored_column_norm(w_mat, a, b, scale, w0_norm_sq.astype(_F32))
-  return jax.lax.stop_gradient(norm)
-
-
-def dora_scaled_output(
-    proj: Projection,
-    y0: Array,
-    x: Array,
-    w_mat: Array,
-    a: Array,
-    b: Array,
-    scale: float,
-    magnitude: Array,
-    bias: Array | None = None,
-    w0_norm_sq: Array | None = None,
-) -> Array:
-  """DoRA without dropout, ``y = g ⊙ (y0 − b + s·(x A) B) + b``, with a backward that keeps ``y``.
-
-  Equals :func:`factored_output`'s DoRA form (same forward ops). The norm
-  ``n = ||W0 + sAB||_c`` is detached (:func:`direction_norm`); ``g = m / n``.
-  Gradients (``dy`` the output cotangent, sums over every non-output axis):
-
-  - ``∇y0 = g ⊙ dy``: the module's own matmul turns it into ``g·dy W0ᵀ``, which is
-    ``dy W0ᵀ`` plus the ``(g − 1)·dy W0ᵀ`` term of ``(g − 1)·x W0``;
-  - ``∇B = s·(xA)ᵀ (g ⊙ dy)``, ``∇A = xᵀ (s·(g ⊙ dy) Bᵀ)``, ``∇x += s·(g ⊙ dy) Bᵀ Aᵀ``;
-  - ``∇m = Σ dy ⊙ u / n`` with ``u = x W0 + s(xA)B = (y − b) / g``, so
-    ``∇m = Σ dy ⊙ (y − b) / m``: only ``y`` (and ``x``, ``x A``) are kept, not ``u``.
-    Requires ``m ≠ 0`` (magnitudes start at the positive base norm).
-  """
-  norm = direction_norm(w_mat, a, b, scale, w0_norm_sq)
-  bias_b = None if bias is None else proj.output_bias(bias)
-  # Cast outside the custom_vjp, so autodiff maps dx back to x's dtype.
-  return _dora_scaled(proj, float(scale), y0, x.astype(y0.dtype), a, b, magnitude, norm, bias_b)
-
-
-def _dora_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b):
-  dt = y0.dtype
-  h = proj.down(x, a, dt)
-  low = scale * proj.up(h, b, dt)
-  g = proj.per_output(core.dora_column_scale(magnitude, norm))
-  base = y0.astype(_F32)
-  if bias_b is not None:
-    base = base - bias_b.astype(_F32)
-  y = (y0.astype(_F32) + (g - 1.0) * base + g * low).astype(dt)
-  return y, h, g
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _dora_scaled(proj, scale, y0, x, a, b, magnitude, norm, bias_b):
-  return _dora_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b)[0]
-
-
-def _dora_scaled_fwd(proj, scale, y0, x, a, b, magnitude, norm, bias_b):
-  y, h, g = _dora_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b)
-  # Residuals: y (the output, which the next op usually keeps too), x (the base
-  # matmul keeps it), h = xA ([*free, r]), and small vectors. Not u = x W0 + s(xA)B.
-  return y, (y, x, h, a, b, magnitude, norm, g, bias_b)
-
-
-def _dora_scaled_bwd(proj, scale, res, dy):
-  y, x, h, a, b, magnitude, norm, g, bias_b = res
-  dt = y.dtype
-  dy32 = dy.astype(_F32)
-  dyg = g * dy32
-  dh, db = proj.up_transpose((scale * dyg).astype(dt), h, b)
-  dx, da = proj.down_transpose(dh, x, a)
-  u_times_g = y.astype(_F32) if bias_b is None else y.astype(_F32) - bias_b.astype(_F32)
-  dm = proj.per_output_sum(dy32 * u_times_g) / magnitude.astype(_F32)
-  dbias = None
-  if bias_b is not None:  # y depends on b explicitly through −(g − 1)·b
-    axes = tuple(i for i, n in enumerate(bias_b.shape) if n == 1)
-    dbias = jnp.sum(dy32 * (1.0 - g), axis=axes, keepdims=True).astype(bias_b.dtype)
-  return (dyg.astype(dt), dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype),
-          dm.astype(magnitude.dtype), jnp.zeros_like(norm), dbias)
-
-
-_dora_scaled.defvjp(_dora_scaled_fwd, _dora_scaled_bwd)
 
 
 def einsum_kernel_axes(equation: str) -> tuple[str, str, str]:

@@ -1,0 +1,181 @@
+"""DoRA (Liu et al., ICML 2024): a magnitude on top of a variant's direction update.
+
+``W' = m ⊙ V / ||V||_c`` with ``V = W0 + ΔW`` and ``ΔW = s·A B`` from any variant's
+factors (LoRA: DoRA; VeRA: DVoRA; a dequantized ``W0``: QDoRA). The norm is detached
+(paper §4.3, PEFT ``tuners/lora/dora.py``): ``g = m / sg(||V||_c)``. In training ``W'`` is
+never formed; from the module's own output ``y0 = x W0 + b`` (PEFT semantics, the bias is
+never rescaled)::
+
+    y = y0 + (g − 1) ⊙ (x' W0) + g ⊙ s·(x' A) B        x' = drop(x), x' W0 = y0 − b without dropout
+
+Execution paths (:data:`PATHS`), equal up to rounding:
+
+- ``"custom_vjp"`` (default, the lean one): a hand-written backward that keeps the
+  layer's output ``y`` instead of ``u = x W0 + s(xA)B`` (``∇m = Σ dy ⊙ (y − b) / m``),
+  a buffer the next op usually keeps anyway. Where ``g`` is too small for ``(y − b)/g``
+  to give back ``u`` (a zero or underflowing magnitude: a dead unit, a bf16/fp16
+  adapter, an imported adapter), the backward recomputes ``u`` for that layer instead
+  (``lax.cond``: no cost otherwise), so gradients stay finite and exact. With adapter
+  dropout active it runs ``"factored"`` (``u`` is not a function of ``y`` there).
+- ``"factored"``: the same forward, differentiated by autodiff (keeps ``u``).
+- ``"merged"``: materializes ``W'`` and runs the module on it (the reference; handled by
+  the front-ends).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dora_jax import core
+from dora_jax.projection import Projection
+
+Array = jax.Array
+_F32 = jnp.float32
+
+PATHS = ("custom_vjp", "factored", "merged")
+"""How DoRA layers run in training; see the module docstring."""
+
+DEFAULT_PATH = "custom_vjp"
+
+
+def init_magnitude(w_mat: Array, a: Array, b: Array, scale: float,
+                   w0_norm_sq: Array | None = None) -> Array:
+  """``m₀ = ||W0 + s·A B||_c`` ``[O]`` float32 (``= ||W0||_c`` when ``B = 0``).
+
+  The same computation as the forward's norm (:func:`direction_norm`), so ``g = m/n``
+  is exactly 1 at init with float32 adapters.
+  """
+  return core.factored_column_norm(w_mat, a, b, scale, w0_norm_sq)
+
+
+def direction_norm(w_mat: Array, a: Array, b: Array, scale: float,
+                   w0_norm_sq: Array | None = None) -> Array:
+  """Detached ``||W0 + s·A B||_c`` ``[O]`` float32, no ``[I, O]`` temporary, no float32 copy of ``W0``."""
+  return jax.lax.stop_gradient(core.factored_column_norm(w_mat, a, b, scale, w0_norm_sq))
+
+
+def _combine(y0: Array, base: Array, low: Array, g: Array) -> Array:
+  """``y0 + (g − 1)·base + g·low`` in float32: the one DoRA output formula of every path."""
+  return y0.astype(_F32) + (g - 1.0) * base + g * low
+
+
+def output(
+    proj: Projection,
+    y0: Array,
+    x_in: Array,
+    w_mat: Array,
+    a: Array,
+    b: Array,
+    scale: float,
+    magnitude: Array | None = None,
+    bias: Array | None = None,
+    dropped: bool = False,
+    path: str = DEFAULT_PATH,
+    w0_norm_sq: Array | None = None,
+) -> Array:
+  """The adapted output from the base output, without forming ``W'``.
+
+  Args:
+    proj: how the layer contracts its input with the kernel matrix.
+    y0: the base module's output ``x W0 + b`` (its dtype is the compute dtype).
+    x_in: the adapter's input: ``drop(x)`` when ``dropped``, else ``x``.
+    w_mat: the base kernel as ``[I, O]`` (dequantized for a quantized base).
+    a: ``[I, r]``. b: ``[r, O]``. scale: ``s`` (the variant's factors).
+    magnitude: DoRA's ``m [O]``; ``None`` for the plain variant (LoRA, VeRA).
+    bias: the module's bias (DoRA without dropout: ``x W0 = y0 − b``).
+    dropped: whether ``x_in`` is a dropped-out input; DoRA then computes
+      ``drop(x) W0`` with one more matmul, as PEFT does.
+    path: ``"custom_vjp"`` or ``"factored"`` (see :data:`PATHS`).
+    w0_norm_sq: optional cached ``||W0||²_c`` ``[O]`` float32.
+
+  Returns:
+    ``y0 + s·(x_in A) B`` (no magnitude) or the DoRA output, in ``y0``'s dtype.
+
+  Raises:
+    ValueError: for an unknown path.
+  """
+  if path not in ("factored", "custom_vjp"):
+    raise ValueError(f"DoRA output path must be 'factored' or 'custom_vjp', got {path!r}.")
+  dt = y0.dtype
+  if magnitude is None:
+    low = scale * proj.low_rank(x_in, a, b, dt)
+    return (y0.astype(_F32) + low).astype(dt)
+  norm = direction_norm(w_mat, a, b, scale, w0_norm_sq)
+  bias_b = None if bias is None else proj.output_bias(bias)
+  if path == "custom_vjp" and not dropped and proj.keeps_free_axes:
+    # Cast outside the custom_vjp, so autodiff maps dx back to x's dtype.
+    # W0 is frozen here: its cotangent (zeros) is dropped, so XLA never forms it.
+    return _lean(proj, float(scale), y0, x_in.astype(dt), jax.lax.stop_gradient(w_mat), a, b,
+                 magnitude, norm, bias_b)
+  low = scale * proj.low_rank(x_in, a, b, dt)
+  g = proj.per_output(core.dora_column_scale(magnitude, norm))
+  if dropped:
+    base = proj.base(x_in, w_mat, dt)
+  else:
+    base = y0.astype(_F32) if bias_b is None else y0.astype(_F32) - bias_b.astype(_F32)
+  return _combine(y0, base, low, g).astype(dt)
+
+
+# ---------------------------------------------------------------------------
+# The lean path: a backward that keeps y, not u
+
+
+def _lean_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b):
+  dt = y0.dtype
+  h = proj.down(x, a, dt)
+  low = scale * proj.up(h, b, dt)
+  g = proj.per_output(core.dora_column_scale(magnitude, norm))
+  base = y0.astype(_F32) if bias_b is None else y0.astype(_F32) - bias_b.astype(_F32)
+  return _combine(y0, base, low, g).astype(dt), h, g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _lean(proj, scale, y0, x, w_mat, a, b, magnitude, norm, bias_b):
+  return _lean_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b)[0]
+
+
+def _lean_fwd(proj, scale, y0, x, w_mat, a, b, magnitude, norm, bias_b):
+  y, h, g = _lean_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b)
+  # Residuals: y (the next op usually keeps it too), x (the base matmul keeps it),
+  # h = xA [*free, r], w_mat (a frozen param, not a copy) and small vectors. Not u.
+  return y, (y, x, h, w_mat, a, b, magnitude, norm, g, bias_b)
+
+
+def _small_g_threshold(dtype) -> float:
+  """Below this ``|g|``, ``y − b = g·u`` in ``dtype`` may have lost ``u`` (underflow)."""
+  return float(np.sqrt(float(jnp.finfo(dtype).tiny)))
+
+
+def _lean_bwd(proj, scale, res, dy):
+  y, x, h, w_mat, a, b, magnitude, norm, g, bias_b = res
+  dt = y.dtype
+  dy32 = dy.astype(_F32)
+  dyg = g * dy32
+  dh, db = proj.up_transpose((scale * dyg).astype(dt), h, b)
+  dx, da = proj.down_transpose(dh, x, a)
+  m32 = magnitude.astype(_F32)
+  g_vec = m32 / norm.astype(_F32)
+
+  def dm_from_y(_):
+    u_times_g = y.astype(_F32) if bias_b is None else y.astype(_F32) - bias_b.astype(_F32)
+    return proj.per_output_sum(dy32 * u_times_g) / jnp.where(m32 == 0, 1.0, m32)
+
+  def dm_from_u(_):  # ∇m = Σ dy ⊙ u / n with u recomputed: exact for any m
+    u = proj.base(x, w_mat, dt) + scale * proj.up(h, b, dt)
+    return proj.per_output_sum(dy32 * u) / norm.astype(_F32)
+
+  tiny = jnp.any(jnp.abs(g_vec) < _small_g_threshold(dt))
+  dm = jax.lax.cond(tiny, dm_from_u, dm_from_y, None)
+  dbias = None
+  if bias_b is not None:  # y depends on b explicitly through −(g − 1)·b
+    axes = tuple(i for i, n in enumerate(bias_b.shape) if n == 1)
+    dbias = jnp.sum(dy32 * (1.0 - g), axis=axes, keepdims=True).astype(bias_b.dtype)
+  return (dyg.astype(dt), dx.astype(x.dtype), jnp.zeros_like(w_mat), da.astype(a.dtype),
+          db.astype(b.dtype), dm.astype(magnitude.dtype), jnp.zeros_like(norm), dbias)
+
+
+_lean.defvjp(_lean_fwd, _lean_bwd)
