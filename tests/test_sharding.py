@@ -106,7 +106,8 @@ def test_param_and_adapter_specs_follow_the_rules(scan):
     assert a_specs[f"{base}/lora_b"] == str(P(*st, None, o))
     assert a_specs[f"{base}/magnitude"] == str(P(*st, o))
   assert a_specs[f"{layer}/mlp/down_proj/lora_a"] == str(P(*st, "tensor", None))
-  replicated = sh.adapter_shardings(adapters, boxed, sh.param_shardings(boxed, mesh, RULES), mesh, replicate=True)
+  p_sh = sh.param_shardings(boxed, mesh, RULES)
+  replicated = sh.adapter_shardings(adapters, boxed, p_sh, mesh, replicate=True)
   assert set(describe(replicated).values()) == {"P()"}
 
 
@@ -184,7 +185,7 @@ def test_logical_names_without_rules_are_an_error():
   mesh = abstract_mesh()
   boxed, _ = llama_trees(False)
   assert not nn.get_logical_axis_rules()
-  with pytest.raises(ValueError, match=r"'lm_head/kernel' has logical axis names .* no logical-axis rules.*rules="):
+  with pytest.raises(ValueError, match=r"'lm_head/kernel' has logical axis .* no logical-axis rules.*rules="):
     sh.param_shardings(boxed, mesh)
   with pytest.raises(ValueError, match="no logical-axis rules"):
     sh.init_sharded(Llama(CONFIG), jax.random.key(0), jnp.zeros((1, 8), jnp.int32),

@@ -247,7 +247,8 @@ def per_device_bytes(tree: Any) -> int:
 
 def describe(shardings: Any) -> dict[str, str]:
   """``{"/"-joined path: str(PartitionSpec)}`` of a sharding tree (for logs and tests)."""
-  flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+  is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+  flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_sharding)[0]
   return {jax.tree_util.keystr(path, simple=True, separator="/"):
           str(s.spec) if isinstance(s, NamedSharding) else str(s) for path, s in flat}
 
