@@ -89,12 +89,10 @@ def resolve_attention(name: str, platform: str, dtype: str) -> str | None:
 
 def cross_entropy(logits, targets):
   """Mean next-token cross-entropy over every position, float32."""
-  import jax
   import jax.numpy as jnp
+  import optax
 
-  logits = logits.astype(jnp.float32)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
 def adapted_matrices(adapters) -> list[common.AdaptedMatrix]:

@@ -68,17 +68,11 @@ __all__ += [
 from dora_jax import sharding
 from dora_jax.sharding import (
     adapter_shardings,
-    batch_sharding,
-    initialize_distributed,
-    make_mesh,
-    make_sharded_step,
+    init_adapters_sharded,
     opt_state_shardings,
     param_shardings,
-    shard_batch,
-    use_mesh,
 )
 
 __all__ += [
-    "sharding", "make_mesh", "param_shardings", "adapter_shardings", "opt_state_shardings",
-    "batch_sharding", "shard_batch", "make_sharded_step", "use_mesh", "initialize_distributed",
+    "sharding", "param_shardings", "adapter_shardings", "init_adapters_sharded", "opt_state_shardings",
 ]

@@ -72,7 +72,7 @@ def freeze_base(tx: optax.GradientTransformation) -> optax.GradientTransformatio
     >>> tx = freeze_base(optax.adam(1e-3))
     >>> state = tx.init({"w": jax.numpy.ones(3), "lora_a": jax.numpy.ones(2)})
   """
-  return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, adapter_labels)
+  return optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, adapter_labels)
 
 
 def make_train_step(

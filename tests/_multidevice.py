@@ -1,4 +1,4 @@
-"""Multi-device checks of dora_jax.sharding, run in a subprocess with fake CPU devices.
+"""Multi-device checks of dora_jax.sharding and train.mesh, run in a subprocess with fake CPU devices.
 
 Usage::
 
@@ -6,8 +6,8 @@ Usage::
     python tests/_multidevice.py worker PID PORT     # one of two processes x 4 CPU devices
 
 The device count is set through ``XLA_FLAGS`` before JAX is imported, so these checks
-never affect the test process itself. ``tests/test_sharding.py`` runs this file and
-asserts on its JSON.
+never affect the test process itself. ``tests/conftest.py`` runs this file once per
+session; ``tests/test_sharding.py`` and ``tests/test_train_mesh.py`` assert on its JSON.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ os.environ["XLA_FLAGS"] = " ".join([
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if MODE == "worker":  # must run before any other JAX call
-  from dora_jax import sharding as sh
+  from train import mesh as mesh_lib
 
   _PID, _PORT = int(sys.argv[2]), sys.argv[3]
-  sh.initialize_distributed(f"127.0.0.1:{_PORT}", 2, _PID)
+  mesh_lib.initialize_distributed(f"127.0.0.1:{_PORT}", 2, _PID)
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,8 @@ import optax
 
 import dora_jax
 from dora_jax import sharding as sh
-from dora_jax.models.llama import Llama, LlamaConfig
+from dora_jax.models.llama import LOGICAL_AXIS_RULES, Llama, LlamaConfig
+from train import mesh as mesh_lib
 
 # No two weights share a shape (the embedding is [128, 32], down_proj [64, 32]): the HLO
 # check tells kernels apart by shape.
@@ -85,31 +86,31 @@ def make_state(mesh, model: nn.Module, example, init_values=None):
   :func:`sh.shard_params`; else they are initialized in place from seeds 0 and 1.
   """
   if init_values is None:
-    params, p_sh = sh.init_sharded(model, jax.random.key(0), example, mesh=mesh)
+    params, p_sh = sh.init_sharded(model, jax.random.key(0), example, mesh=mesh, rules=LOGICAL_AXIS_RULES)
     layouts = dora_jax.kernel_layouts(model, example)
     adapters, a_sh = sh.init_adapters_sharded(jax.random.key(1), params, LORA, p_sh, mesh, layouts=layouts)
   else:
-    p_sh = sh.param_shardings(sh.abstract_params(model, example), mesh)
+    p_sh = sh.param_shardings(sh.abstract_params(model, example), mesh, LOGICAL_AXIS_RULES)
     a_sh = sh.adapter_shardings(init_values[1], init_values[0], p_sh, mesh)
     params, adapters = sh.shard_params(init_values[0], p_sh), sh.shard_params(init_values[1], a_sh)
   tx = optax.adamw(3e-2, weight_decay=0.0)
   o_sh = sh.opt_state_shardings(tx, a_sh, adapters)
   opt_state = jax.jit(tx.init, out_shardings=o_sh)(adapters)
   rep = sh.replicated(mesh)
-  step = sh.make_sharded_step(make_step(model, tx), mesh,
-                              in_shardings=(p_sh, a_sh, o_sh, sh.batch_sharding(mesh), rep),
-                              out_shardings=(a_sh, o_sh, rep), donate_argnums=(1, 2))
+  step = mesh_lib.make_sharded_step(make_step(model, tx), mesh,
+                                    in_shardings=(p_sh, a_sh, o_sh, mesh_lib.batch_sharding(mesh), rep),
+                                    out_shardings=(a_sh, o_sh, rep), donate_argnums=(1, 2))
   return {"params": params, "p_sh": p_sh, "adapters": adapters, "a_sh": a_sh,
           "opt_state": opt_state, "o_sh": o_sh, "step": step}
 
 
 def mesh_of(spec: str):
-  return sh.make_mesh(None, devices=jax.devices()[:1]) if spec == "single" else sh.make_mesh(spec)
+  return mesh_lib.make_mesh(None, devices=jax.devices()[:1]) if spec == "single" else mesh_lib.make_mesh(spec)
 
 
 def specs_of(tree) -> dict[str, str]:
   """``{path: spec}`` of the arrays' actual shardings."""
-  return sh.describe(jax.tree.map(lambda x: x.sharding, tree))
+  return mesh_lib.describe(jax.tree.map(lambda x: x.sharding, tree))
 
 
 _GATHER = re.compile(r"=\s*(.+?)\s+all-gather(?:-start)?\(")
@@ -140,7 +141,7 @@ def kernel_shapes(params, layouts) -> list[tuple[int, ...]]:
 def train(state, mesh, steps: int = 3) -> tuple[list[float], str]:
   """Runs ``steps`` steps; returns the losses and the compiled step's HLO text."""
   adapters, opt_state, losses = state["adapters"], state["opt_state"], []
-  batches = [sh.shard_batch({"input_ids": tokens(i)}, mesh) for i in range(steps)]
+  batches = [mesh_lib.shard_batch({"input_ids": tokens(i)}, mesh) for i in range(steps)]
   compiled = state["step"].lower(state["params"], adapters, opt_state, batches[0],
                                  jax.random.key(0)).compile()
   for i, batch in enumerate(batches):
@@ -165,7 +166,7 @@ def main_all() -> None:
                           "adapters": diff(ref["adapters"], big["adapters"])}
   opt_specs = specs_of(big["opt_state"])
   out["shardings"] = {
-      "params": specs_of(big["params"]), "expected_params": sh.describe(big["p_sh"]),
+      "params": specs_of(big["params"]), "expected_params": mesh_lib.describe(big["p_sh"]),
       "adapters": specs_of(big["adapters"]),
       "opt_mu": {k.split("/mu/", 1)[1]: v for k, v in opt_specs.items() if "/mu/" in k},
       "opt_other": {k: v for k, v in opt_specs.items() if "/mu/" not in k and "/nu/" not in k},
@@ -175,17 +176,18 @@ def main_all() -> None:
   # The unrolled model's specs (no arrays needed).
   unrolled = Llama(CONFIG)
   u_abs = sh.abstract_params(unrolled, example)
-  u_sh = sh.param_shardings(u_abs, big["p_sh"]["lm_head"]["kernel"].mesh)
+  u_sh = sh.param_shardings(u_abs, big["p_sh"]["lm_head"]["kernel"].mesh, LOGICAL_AXIS_RULES)
   u_ad = jax.eval_shape(lambda p: dora_jax.init_adapters(jax.random.key(1), p, LORA), nn.unbox(u_abs))
-  out["unrolled"] = {"params": sh.describe(u_sh),
-                     "adapters": sh.describe(sh.adapter_shardings(u_ad, u_abs, u_sh, mesh_of("fsdp=4,tensor=2")))}
+  u_ad_sh = sh.adapter_shardings(u_ad, u_abs, u_sh, mesh_of("fsdp=4,tensor=2"))
+  out["unrolled"] = {"params": mesh_lib.describe(u_sh), "adapters": mesh_lib.describe(u_ad_sh)}
 
   # Per-device bytes of the base on growing fsdp x tensor.
   out["bytes"] = {"total": sum(x.nbytes for x in jax.tree.leaves(values[0])), "per_device": {}}
   for spec in BYTES_MESHES:
     mesh = mesh_of(spec)
-    placed = sh.shard_params(values[0], sh.param_shardings(sh.abstract_params(model, example), mesh))
-    out["bytes"]["per_device"][spec] = sh.per_device_bytes(placed)
+    p_sh = sh.param_shardings(sh.abstract_params(model, example), mesh, LOGICAL_AXIS_RULES)
+    placed = sh.shard_params(values[0], p_sh)
+    out["bytes"]["per_device"][spec] = mesh_lib.per_device_bytes(placed)
 
   # Loss curves; the tensor-only mesh's HLO must not gather a full kernel.
   out["losses"], out["hlo"] = {}, {}
@@ -203,10 +205,10 @@ def main_all() -> None:
   tmesh = mesh_of("tensor=8")
   odd = {"w": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((6, 12), jnp.float32), ("embed", "mlp")),
          "v": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((16, 12), jnp.float32), ("mlp", "embed"))}
-  out["fallback"] = sh.describe(sh.param_shardings(odd, tmesh))
-  out["batch_slot"] = list(sh.batch_process_slot(mesh_of("data=2,fsdp=2,tensor=2")))
+  out["fallback"] = mesh_lib.describe(sh.param_shardings(odd, tmesh, LOGICAL_AXIS_RULES))
+  out["batch_slot"] = list(mesh_lib.batch_process_slot(mesh_of("data=2,fsdp=2,tensor=2")))
   try:
-    sh.shard_batch({"input_ids": tokens(0, rows=6)}, mesh_of("data=8"))
+    mesh_lib.shard_batch({"input_ids": tokens(0, rows=6)}, mesh_of("data=8"))
     out["batch_error"] = None
   except ValueError as e:
     out["batch_error"] = str(e)
@@ -216,14 +218,14 @@ def main_all() -> None:
 
 def main_worker() -> None:
   """One of two processes: 3 DoRA steps on a (data=2, fsdp=2, tensor=2) mesh over both."""
-  mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
-  slot, slots = sh.batch_process_slot(mesh)
+  mesh = mesh_lib.make_mesh("data=2,fsdp=2,tensor=2")
+  slot, slots = mesh_lib.batch_process_slot(mesh)
   model = Llama(CONFIG, scan_layers=True)
   state = make_state(mesh, model, jnp.zeros((1, SEQ), jnp.int32))
   adapters, opt_state, losses = state["adapters"], state["opt_state"], []
   rows = BATCH // slots
   for i in range(3):
-    batch = sh.shard_batch({"input_ids": tokens(i)[slot * rows:(slot + 1) * rows]}, mesh)
+    batch = mesh_lib.shard_batch({"input_ids": tokens(i)[slot * rows:(slot + 1) * rows]}, mesh)
     adapters, opt_state, metrics = state["step"](state["params"], adapters, opt_state, batch, jax.random.key(i))
     losses.append(float(metrics["loss"]))
   print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),

@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import linen as nn
+from flax import traverse_util
 
 from dora_jax.models import hf, smollm2
 from dora_jax.models.llama import Llama, LlamaConfig
@@ -161,6 +162,16 @@ def test_save_cast_and_overwrite(tmp_path):
   assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp dirs left
 
+  class BrokenTokenizer:
+    def save_pretrained(self, path):
+      raise OSError("disk full")
+
+  with pytest.raises(OSError, match="disk full"):  # a failed save leaves the previous directory
+    hf.save_pretrained(tmp_path / "c", config, params, dtype="bfloat16", tokenizer=BrokenTokenizer())
+  _, back = hf.load_pretrained(tmp_path / "c", dtype=None)
+  assert_trees_equal(back, params)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
 
 def test_sharded_index(tmp_path):
   config = CONFIGS["llama"]
@@ -248,8 +259,9 @@ def test_read_leaf_slices(scan):
   tensors = hf.params_to_hf(params, config)
   read = lambda name, idx: tensors[name] if idx is None else tensors[name][idx]
   rng = np.random.default_rng(0)
+  flat = traverse_util.flatten_dict(params)
   for spec in hf.param_specs(config, scan):
-    full = np.asarray(hf._get_path(params, spec.path))
+    full = np.asarray(flat[spec.path])
     for _ in range(3):
       index = []
       for n in spec.shape:

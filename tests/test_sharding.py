@@ -1,19 +1,14 @@
-"""dora_jax.sharding: mesh specs, param / adapter / optimizer / batch shardings, sharded training.
+"""dora_jax.sharding: param / adapter / optimizer-state shardings from logical axis names.
 
 Spec-level tests run here on an ``AbstractMesh`` (no devices needed). Tests on real
-meshes of 8 fake CPU devices run ``tests/_multidevice.py`` in a subprocess (the device
-count must be set before JAX starts), once per session, and check its JSON.
+meshes of 8 fake CPU devices read the JSON of ``tests/_multidevice.py``, run once per
+session in a subprocess (the ``multidevice`` fixture of ``conftest.py``). The trainer's
+meshes, batches and steps are tested in ``tests/test_train_mesh.py``.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -21,64 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AbstractMesh
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 import dora_jax
 from dora_jax import sharding as sh
-from dora_jax.models.llama import Llama, LlamaConfig
+from dora_jax.models.llama import LOGICAL_AXIS_RULES, Llama, LlamaConfig
 from dora_jax.tree import KernelLayout
+from train.mesh import describe
 
-SCRIPT = Path(__file__).with_name("_multidevice.py")
-ROOT = SCRIPT.parent.parent
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2)
 LORA = dora_jax.LoraConfig(r=4, target_modules="all-linear", use_dora=True)
-
-
-# ---------------------------------------------------------------------------
-# Mesh specs
-
-
-@pytest.mark.parametrize("spec, n, expected", [
-    ("data=2,fsdp=2,tensor=2", 8, (2, 2, 2)),
-    (" tensor = 2 , fsdp=-1 ", 8, (1, 4, 2)),
-    ("fsdp=-1", 8, (1, 8, 1)),
-    ("data=-1,tensor=4", 8, (2, 1, 4)),
-    ("tensor=1,data=-1", 1, (1, 1, 1)),
-    (None, 8, (8, 1, 1)),
-    ("", 4, (4, 1, 1)),
-    ("1", 8, (8, 1, 1)),
-    ({"fsdp": 2, "data": -1}, 8, (4, 2, 1)),
-])
-def test_parse_mesh_spec(spec, n, expected):
-  sizes = sh.parse_mesh_spec(spec, n)
-  assert tuple(sizes) == sh.MESH_AXES
-  assert tuple(sizes.values()) == expected
-
-
-@pytest.mark.parametrize("spec, match", [
-    ("data=3", r"uses 3 devices but 8 exist"),
-    ("data=2", r"uses 2 devices but 8 exist.*-1"),
-    ("fsdp=3,tensor=-1", r"multiply to 3.*does not divide the 8 devices"),
-    ("data=-1,fsdp=-1", r"Only one mesh axis may be -1"),
-    ("pipeline=2", r"Unknown mesh axis 'pipeline'.*'data', 'fsdp', 'tensor'"),
-    ("data=2,data=4", r"given twice"),
-    ("data=0", r"positive integers or -1"),
-    ("data=two", r"Cannot parse mesh spec"),
-    ({"tensor": 2.5}, r"positive integers or -1"),
-])
-def test_parse_mesh_spec_errors(spec, match):
-  with pytest.raises(ValueError, match=match):
-    sh.parse_mesh_spec(spec, 8)
-
-
-def test_make_mesh_on_this_process():
-  mesh = sh.make_mesh(None)
-  assert mesh.axis_names == sh.MESH_AXES
-  assert mesh.shape["data"] == jax.device_count() and mesh.size == jax.device_count()
-  with pytest.raises(ValueError, match=f"{jax.device_count()} exist"):
-    sh.make_mesh(f"tensor={jax.device_count() + 1}")
+RULES = LOGICAL_AXIS_RULES
 
 
 # ---------------------------------------------------------------------------
@@ -86,7 +36,7 @@ def test_make_mesh_on_this_process():
 
 
 def abstract_mesh(data=1, fsdp=4, tensor=2) -> AbstractMesh:
-  return AbstractMesh((data, fsdp, tensor), sh.MESH_AXES)
+  return AbstractMesh((data, fsdp, tensor), ("data", "fsdp", "tensor"))
 
 
 @pytest.mark.parametrize("spec, shape, expected", [
@@ -132,8 +82,8 @@ def llama_trees(scan: bool):
 def test_param_and_adapter_specs_follow_the_rules(scan):
   mesh = abstract_mesh()
   boxed, adapters = llama_trees(scan)
-  p_specs = sh.describe(sh.param_shardings(boxed, mesh))
-  a_specs = sh.describe(sh.adapter_shardings(adapters, boxed, sh.param_shardings(boxed, mesh), mesh))
+  p_specs = describe(sh.param_shardings(boxed, mesh, RULES))
+  a_specs = describe(sh.adapter_shardings(adapters, boxed, sh.param_shardings(boxed, mesh, RULES), mesh))
   layer = "model/layers" if scan else "model/layers_1"
   st = (None,) if scan else ()
   expect_p = {
@@ -156,8 +106,9 @@ def test_param_and_adapter_specs_follow_the_rules(scan):
     assert a_specs[f"{base}/lora_b"] == str(P(*st, None, o))
     assert a_specs[f"{base}/magnitude"] == str(P(*st, o))
   assert a_specs[f"{layer}/mlp/down_proj/lora_a"] == str(P(*st, "tensor", None))
-  replicated = sh.adapter_shardings(adapters, boxed, sh.param_shardings(boxed, mesh), mesh, replicate=True)
-  assert set(sh.describe(replicated).values()) == {"P()"}
+  p_sh = sh.param_shardings(boxed, mesh, RULES)
+  replicated = sh.adapter_shardings(adapters, boxed, p_sh, mesh, replicate=True)
+  assert set(describe(replicated).values()) == {"P()"}
 
 
 def test_indivisible_axes_fall_back_to_replicated(caplog):
@@ -166,7 +117,7 @@ def test_indivisible_axes_fall_back_to_replicated(caplog):
           "v": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((16, 12), jnp.float32), ("mlp", "embed")),
           "plain": jax.ShapeDtypeStruct((16,), jnp.float32)}
   with caplog.at_level("WARNING", logger="dora_jax"):
-    specs = sh.describe(sh.param_shardings(tree, mesh))
+    specs = describe(sh.param_shardings(tree, mesh, RULES))
   assert specs == {"w": "P('fsdp', None)", "v": "P('tensor', 'fsdp')", "plain": "P()"}
   assert "not divisible" in caplog.text
 
@@ -186,9 +137,9 @@ def test_adapter_shardings_need_the_kernel_sharding():
 def test_opt_state_shardings_mirror_the_adapters(make_tx):
   mesh = abstract_mesh()
   boxed, adapters = llama_trees(True)
-  a_sh = sh.adapter_shardings(adapters, boxed, sh.param_shardings(boxed, mesh), mesh)
-  o_specs = sh.describe(sh.opt_state_shardings(make_tx(), a_sh, adapters))
-  a_specs = sh.describe(a_sh)
+  a_sh = sh.adapter_shardings(adapters, boxed, sh.param_shardings(boxed, mesh, RULES), mesh)
+  o_specs = describe(sh.opt_state_shardings(make_tx(), a_sh, adapters))
+  a_specs = describe(a_sh)
   moments = {k: v for k, v in o_specs.items() if "/mu/" in k or "/nu/" in k}
   assert len(moments) == 2 * len(a_specs)
   for key, spec in moments.items():
@@ -199,72 +150,75 @@ def test_opt_state_shardings_mirror_the_adapters(make_tx):
 def test_opt_state_shardings_through_freeze_base():
   mesh = abstract_mesh()
   boxed, adapters = llama_trees(False)
-  p_sh = sh.param_shardings(boxed, mesh)
+  p_sh = sh.param_shardings(boxed, mesh, RULES)
   a_sh = sh.adapter_shardings(adapters, boxed, p_sh, mesh)
   combined = dora_jax.combine(nn.unbox(boxed), adapters)
-  o_specs = sh.describe(sh.opt_state_shardings(dora_jax.freeze_base(optax.adam(1e-3)),
+  o_specs = describe(sh.opt_state_shardings(dora_jax.freeze_base(optax.adam(1e-3)),
                                                dora_jax.combine(p_sh, a_sh), combined))
   key = "inner_states/adapter/inner_state/0/mu/model/layers_0/self_attn/o_proj/lora_a"
   assert o_specs[key] == "P('tensor', None)"
   assert not any("kernel" in k for k in o_specs)  # the frozen base has no optimizer state
 
 
-# ---------------------------------------------------------------------------
-# One process, the devices it has
-
-
-def test_sharded_step_runs_under_the_rules_here():
-  mesh = sh.make_mesh(None)
-  seen = []
-
-  def step(x):
-    seen.append(nn.get_logical_axis_rules())
-    return nn.with_logical_constraint(x * 2, ("batch", "length"))
-
-  run = sh.make_sharded_step(step, mesh, sh.batch_sharding(mesh), sh.batch_sharding(mesh))
-  n = sh.batch_size_multiple(mesh)
-  x = sh.shard_batch(np.ones((2 * n, 3), np.float32), mesh)
-  np.testing.assert_array_equal(np.asarray(run(x)), 2 * np.ones((2 * n, 3)))
-  assert seen and tuple(seen[0]) == tuple(sh.LOGICAL_AXIS_RULES)
-  assert sh.batch_process_slot(mesh) == (0, 1)
-
-
 def test_path_sharding_fn():
-  mesh = sh.make_mesh(None)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
   s = sh.replicated(mesh)
   fn = sh.path_sharding_fn({"model": {"norm": {"scale": s}}})
   assert fn(("model", "norm", "scale"), (4,), np.float32) is s
   assert fn(("model", "other"), (4,), np.float32) is None
 
 
-def test_initialize_distributed_single_process(monkeypatch):
-  for var in ("DORA_JAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "DORA_JAX_PROCESS_ID"):
-    monkeypatch.delenv(var, raising=False)
-  monkeypatch.setenv("DORA_JAX_NUM_PROCESSES", "1")
-  assert sh.initialize_distributed() is False
-  monkeypatch.setenv("DORA_JAX_NUM_PROCESSES", "two")
-  with pytest.raises(ValueError, match="DORA_JAX_NUM_PROCESSES"):
-    sh.initialize_distributed()
-  monkeypatch.delenv("DORA_JAX_NUM_PROCESSES")
-  assert sh.initialize_distributed() is False  # no cluster here: a no-op
-  assert not jax.distributed.is_initialized()
+def test_rules_from_the_argument_or_flax_context():
+  mesh = abstract_mesh()
+  boxed, _ = llama_trees(False)
+  explicit = describe(sh.param_shardings(boxed, mesh, RULES))
+  with nn.logical_axis_rules(RULES):
+    from_context = describe(sh.param_shardings(boxed, mesh))
+  assert from_context == explicit
+  assert explicit["lm_head/kernel"] == "P('fsdp', 'tensor')"
+  # Other rules, other shardings: nothing falls back to a built-in default.
+  swapped = [(name, {"fsdp": "tensor", "tensor": "fsdp"}.get(axes, axes)) for name, axes in RULES]
+  assert describe(sh.param_shardings(boxed, mesh, swapped))["lm_head/kernel"] == "P('tensor', 'fsdp')"
+
+
+def test_logical_names_without_rules_are_an_error():
+  mesh = abstract_mesh()
+  boxed, _ = llama_trees(False)
+  assert not nn.get_logical_axis_rules()
+  with pytest.raises(ValueError, match=r"'lm_head/kernel' has logical axis .* no logical-axis rules.*rules="):
+    sh.param_shardings(boxed, mesh)
+  with pytest.raises(ValueError, match="no logical-axis rules"):
+    sh.init_sharded(Llama(CONFIG), jax.random.key(0), jnp.zeros((1, 8), jnp.int32),
+                    mesh=Mesh(np.array(jax.devices()), ("data",)))
+  # Boxes without logical names need no rules.
+  plain = {"w": nn.Partitioned(jax.ShapeDtypeStruct((8, 6), jnp.float32), ("fsdp", None)),
+           "b": jax.ShapeDtypeStruct((6,), jnp.float32)}
+  assert describe(sh.param_shardings(plain, mesh)) == {"w": "P('fsdp', None)", "b": "P()"}
+
+
+def test_opt_state_shardings_need_mirroring_trees():
+  mesh = abstract_mesh()
+  boxed, adapters = llama_trees(False)
+  a_sh = sh.adapter_shardings(adapters, boxed, sh.param_shardings(boxed, mesh, RULES), mesh)
+  with pytest.raises(ValueError, match="must mirror each other"):
+    sh.opt_state_shardings(optax.adam(1e-3), a_sh, {"only": adapters["model"]["layers_0"]})
+
+
+def test_opt_state_shardings_replicate_state_of_another_shape():
+  mesh = abstract_mesh()
+  params = {"w": jax.ShapeDtypeStruct((8, 6), jnp.float32), "b": jax.ShapeDtypeStruct((6,), jnp.float32)}
+  shardings = {"w": jax.sharding.NamedSharding(mesh, P("fsdp", "tensor")),
+               "b": jax.sharding.NamedSharding(mesh, P("tensor"))}
+  o_specs = describe(sh.opt_state_shardings(optax.adafactor(1e-3, min_dim_size_to_factor=2),
+                                            shardings, params))
+  # w is factored: v_row [6], v_col [8] and an unused [1] v have w's tree position, not its shape.
+  assert o_specs["0/v_row/w"] == o_specs["0/v_col/w"] == o_specs["0/v/w"] == "P()"
+  assert o_specs["0/v/b"] == "P('tensor',)"  # b [6] is not factored: v is b-shaped
+  assert o_specs["0/count"] == "P()"
 
 
 # ---------------------------------------------------------------------------
 # 8 fake CPU devices (subprocess)
-
-
-def _run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout, check=False)
-
-
-@pytest.fixture(scope="module")
-def multidevice() -> dict:
-  proc = _run_script("all")
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.multidevice
@@ -318,41 +272,3 @@ def test_tensor_parallel_dora_step_gathers_no_kernel(multidevice):
   assert hlo["data=4,tensor=2"]["all_reduces"] > 0  # the partial sums of o/down_proj
   # The detector works: FSDP gathers kernel shards before the matmuls, as expected.
   assert hlo["fsdp=4,tensor=2"]["full_kernel_gathers"]
-
-
-@pytest.mark.multidevice
-def test_batch_helpers_on_8_devices(multidevice):
-  assert multidevice["batch_slot"] == [0, 1]
-  assert "multiple of 8" in multidevice["batch_error"]
-  assert multidevice["fallback"] == {"v": "P('tensor', 'fsdp')", "w": "P('fsdp', None)"}
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.slow
-@pytest.mark.multidevice
-def test_two_processes_train_like_one(multidevice):
-  """2 processes x 4 CPU devices (jax.distributed, gloo) on a data=2,fsdp=2,tensor=2 mesh."""
-  port = str(_free_port())
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  procs = [subprocess.Popen([sys.executable, str(SCRIPT), "worker", str(i), port], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=300)
-      assert p.returncode == 0, err[-4000:]
-      outs.append(json.loads(out.strip().splitlines()[-1]))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert [o["process"] for o in outs] == [0, 1]
-  assert all(o["processes"] == 2 and o["devices"] == 8 and o["local_devices"] == 4 for o in outs)
-  assert [o["slot"] for o in outs] == [[0, 2], [1, 2]]
-  np.testing.assert_allclose(outs[0]["losses"], outs[1]["losses"], rtol=0)
-  np.testing.assert_allclose(outs[0]["losses"], multidevice["losses"]["single"], rtol=1e-5)

@@ -22,6 +22,7 @@ import numpy as np
 import dora_jax
 from dora_jax.models.llama import Llama
 from train import data as data_lib
+from train import mesh as mesh_lib
 from train import steps as steps_lib
 from train.config import TrainConfig
 from train.modeling import load_base_model
@@ -173,22 +174,21 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
   """Runs a fine-tune; returns (and writes to ``output_dir/metrics.json``) the summary."""
   t_start = time.time()
   # --- devices
-  sh = dora_jax.sharding
-  sh.initialize_distributed(cfg.coordinator_address or None, cfg.num_processes or None,
-                            cfg.process_id if cfg.process_id >= 0 else None)
-  mesh = sh.make_mesh(cfg.mesh or None)
-  multiple = sh.batch_size_multiple(mesh)
+  mesh_lib.initialize_distributed(cfg.coordinator_address or None, cfg.num_processes or None,
+                                 cfg.process_id if cfg.process_id >= 0 else None)
+  mesh = mesh_lib.make_mesh(cfg.mesh or None)
+  multiple = mesh_lib.batch_size_multiple(mesh)
   if cfg.batch_size % (multiple * cfg.grad_accum):
     raise ValueError(
         f"batch_size={cfg.batch_size} must be a multiple of grad_accum x (data x fsdp) ="
         f" {cfg.grad_accum} x {multiple} on mesh {dict(mesh.shape)}.")
-  with sh.use_mesh(mesh):
+  with mesh_lib.use_mesh(mesh):
     return _run(cfg, mesh, t_start)
 
 
 def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
   sh = dora_jax.sharding
-  multiple = sh.batch_size_multiple(mesh)
+  multiple = mesh_lib.batch_size_multiple(mesh)
   out = Path(cfg.output_dir).absolute()  # resolved once: Orbax needs absolute paths
   out.mkdir(parents=True, exist_ok=True)
   say = (lambda *a: print(*a, flush=True)) if jax.process_index() == 0 else (lambda *a: None)
@@ -256,13 +256,13 @@ def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
   o_sh = sh.opt_state_shardings(tx, t_sh, trainable)
   opt_state = jax.jit(tx.init, out_shardings=o_sh)(trainable)
   forward = steps_lib.make_forward(model, cfg.method, lcfg)
-  rep, b_sh = sh.replicated(mesh), sh.batch_sharding(mesh)
+  rep, b_sh = sh.replicated(mesh), mesh_lib.batch_sharding(mesh)
   place = lambda b: jax.device_put(b, rep)  # eval rows: the same on every process
   train_step = steps_lib.make_train_step(forward, tx, cfg.grad_accum, jit_kwargs=dict(
       in_shardings=(f_sh, t_sh, o_sh, b_sh, rep), out_shardings=(t_sh, o_sh, rep)))
   eval_step = steps_lib.make_eval_step(forward)
   score_step = make_score_step(forward, eval_set[1]) if task.kind == "label" else None
-  slot, slots = sh.batch_process_slot(mesh)
+  slot, slots = mesh_lib.batch_process_slot(mesh)
   iterator = data_lib.BatchIterator(train_arrays, cfg.batch_size, seed=cfg.seed,
                                     process_index=slot, process_count=slots)
 
@@ -303,7 +303,7 @@ def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
   try:
     for step in range(start_step + 1, stop_at + 1):
       local_batch = next(iterator)
-      batch = sh.shard_batch(local_batch, mesh)
+      batch = mesh_lib.shard_batch(local_batch, mesh)
       step_rng = jax.random.fold_in(rng, step)
       t0 = time.time()
       trainable, opt_state, m = train_step(frozen, trainable, opt_state, batch, step_rng)

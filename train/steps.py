@@ -22,23 +22,22 @@ Batch = Mapping[str, Array]
 MODEL_INPUTS = ("attention_mask", "positions", "segment_ids", "logits_at")
 
 
-def token_nll(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:
-  """Masked next-token negative log-likelihood.
+def token_nll(logits: Array, targets: Array, mask: Array, axis: int | None = None) -> tuple[Array, Array]:
+  """Masked next-token negative log-likelihood (``optax.softmax_cross_entropy_with_integer_labels``).
 
   Args:
     logits: ``[B, T, V]`` (any float dtype; computed in float32).
     targets: ``[B, T]`` int, the token each position predicts.
     mask: ``[B, T]``, 1 where the position counts.
+    axis: sum over this axis only (``-1``: per row), or over everything (``None``).
 
   Returns:
     ``(sum of nll over masked positions, number of masked positions)``.
   """
-  logits = logits.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets.astype(jnp.int32))
   mask = mask.astype(jnp.float32)
   # where, not a product: padded rows may hold non-finite logits.
-  return jnp.sum(jnp.where(mask > 0, logz - picked, 0.0)), jnp.sum(mask)
+  return jnp.sum(jnp.where(mask > 0, nll, 0.0), axis=axis), jnp.sum(mask, axis=axis)
 
 
 def loss_positions(loss_mask: np.ndarray, k: int) -> np.ndarray:
@@ -144,12 +143,8 @@ def make_eval_step(forward: Callable) -> Callable:
   """``eval_step(frozen, trainable, batch) -> (nll per row [B], count per row [B])``."""
 
   def eval_step(frozen, trainable, batch):
-    logits = forward(frozen, trainable, batch, None, False).astype(jnp.float32)
-    targets, mask = at_loss_positions(batch)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(jnp.where(mask > 0, logz - picked, 0.0), axis=-1), jnp.sum(mask, axis=-1)
+    logits = forward(frozen, trainable, batch, None, False)
+    return token_nll(logits, *at_loss_positions(batch), axis=-1)
 
   return jax.jit(eval_step)
 

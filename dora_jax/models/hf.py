@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
 from dora_jax.models.llama import SUPPORTED_MODEL_TYPES, LlamaConfig
 
@@ -171,26 +172,6 @@ def _read_leaf(spec: ParamSpec, read: Reader, index: tuple[slice, ...] | None = 
   return np.stack([one(spec.hf_names[i], rest) for i in layers])
 
 
-def _set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def _get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _flat_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      yield from _flat_paths(value, prefix + (str(key),))
-    else:
-      yield prefix + (str(key),)
-
-
 def hf_to_params(tensors: Mapping[str, np.ndarray], config: LlamaConfig, scan_layers: bool = False) -> Params:
   """HF-named tensors → the params tree of ``Llama(config, scan_layers=scan_layers)``.
 
@@ -207,10 +188,8 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config: LlamaConfig, scan_la
   """
   check_hf_tensors({k: np.shape(v) for k, v in tensors.items()}, config, "tensors")
   read: Reader = lambda name, idx: np.asarray(tensors[name])
-  params: Params = {}
-  for spec in param_specs(config, scan_layers):
-    _set_path(params, spec.path, _read_leaf(spec, read))
-  return params
+  specs = param_specs(config, scan_layers)
+  return traverse_util.unflatten_dict({spec.path: _read_leaf(spec, read) for spec in specs})
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -239,7 +218,8 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
   scan_layers = "layers" in params.get("model", {})
   specs = param_specs(config, scan_layers)
   want = {s.path for s in specs}
-  have = set(_flat_paths(params))
+  flat = traverse_util.flatten_dict(params)
+  have = set(flat)
   if want != have:
     missing = sorted("/".join(p) for p in want - have)
     unexpected = sorted("/".join(p) for p in have - want)
@@ -249,7 +229,7 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}.")
   out: dict[str, np.ndarray] = {}
   for spec in specs:
-    leaf = _to_numpy(_get_path(params, spec.path))
+    leaf = _to_numpy(flat[spec.path])
     if leaf.shape != spec.shape:
       raise ValueError(f"params/{'/'.join(spec.path)}: expected shape {spec.shape}, got {leaf.shape}.")
     parts = list(leaf) if spec.stacked else [leaf]
@@ -418,7 +398,7 @@ def load_pretrained(
   config = load_config(path)
   target = _resolve_dtype(param_dtype if param_dtype is not None else dtype)
   files = safetensors_files(path)
-  params: Params = {}
+  flat: dict[tuple[str, ...], jax.Array] = {}
   with contextlib.ExitStack() as stack:
     reader = _SafetensorsReader(files, stack)
     check_hf_tensors(reader.shapes(), config, f"checkpoint at {path}")
@@ -432,8 +412,8 @@ def load_pretrained(
             spec.shape, sharding,
             lambda idx, spec=spec, dt=out_dtype: _read_leaf(spec, reader.read, _full_index(idx, spec.shape))
             .astype(dt, copy=False))
-      _set_path(params, spec.path, leaf)
-  return config, params
+      flat[spec.path] = leaf
+  return config, traverse_util.unflatten_dict(flat)
 
 
 def _full_index(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -501,15 +481,27 @@ def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: 
   os.chmod(path, 0o644)  # safetensors creates the file 0600; a shared cache needs it readable
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-  """Move the finished directory ``tmp`` to ``dest``, replacing what is there."""
-  if dest.exists():
-    trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(dest, trash)
-    os.replace(tmp, dest)
-    shutil.rmtree(trash, ignore_errors=True)
-  else:
-    os.replace(tmp, dest)
+@contextlib.contextmanager
+def atomic_directory(dest: Path) -> Iterator[Path]:
+  """A fresh path beside ``dest`` to build a directory in; moved onto ``dest`` when the block succeeds.
+
+  The yielded path does not exist yet. When the ``with`` block ends without an exception,
+  it replaces ``dest`` (the old directory is renamed aside first, then removed), so a
+  reader never sees a half-written ``dest``; on an exception ``dest`` is left as it was.
+  Whatever is left of the temporary directory is removed in both cases.
+  """
+  tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  try:
+    yield tmp
+    if dest.exists():
+      trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+      os.replace(dest, trash)
+      os.replace(tmp, dest)
+      shutil.rmtree(trash, ignore_errors=True)
+    else:
+      os.replace(tmp, dest)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_pretrained(
@@ -549,9 +541,8 @@ def save_pretrained(
   hf_config = config.to_hf_dict()
   hf_config["dtype"] = hf_config["torch_dtype"] = _hf_dtype_name(stored)
 
-  tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-  tmp.mkdir()
-  try:
+  with atomic_directory(dest) as tmp:
+    tmp.mkdir()
     (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     shards = _shard(tensors, max_shard_size)
     metadata = {"format": "pt"}
@@ -568,8 +559,4 @@ def save_pretrained(
       (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
-    _replace_dir(tmp, dest)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return dest

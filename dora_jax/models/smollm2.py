@@ -24,13 +24,12 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from dora_jax.models.hf import atomic_directory
 from dora_jax.models.llama import LlamaConfig
 
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -301,19 +300,9 @@ def ensure_converted(dest: Path, marker: Mapping[str, Any], convert: Callable[[P
   with _file_lock(dest.with_name(f".{dest.name}.lock")):
     if _read_marker(dest) == marker:  # another process converted while we waited
       return dest
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_directory(dest) as tmp:
       convert(tmp)
       (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-      if dest.exists():
-        trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(dest, trash)
-        os.replace(tmp, dest)
-        shutil.rmtree(trash, ignore_errors=True)
-      else:
-        os.replace(tmp, dest)
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
   return dest
 
 
