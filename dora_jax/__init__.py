@@ -81,3 +81,20 @@ __all__ += [
     "sharding", "make_mesh", "param_shardings", "adapter_shardings", "opt_state_shardings",
     "batch_sharding", "shard_batch", "make_sharded_step", "use_mesh", "initialize_distributed",
 ]
+
+from dora_jax import quant
+from dora_jax.quant import (
+    Int8Kernel,
+    NF4Kernel,
+    QuantizedKernel,
+    check_float_kernel,
+    dequantize_params,
+    is_quantized,
+    quantize,
+    quantized_param_shardings,
+)
+
+__all__ += [
+    "quant", "quantize", "dequantize_params", "is_quantized", "check_float_kernel",
+    "QuantizedKernel", "NF4Kernel", "Int8Kernel", "quantized_param_shardings",
+]
