@@ -76,3 +76,20 @@ from dora_jax.sharding import (
 __all__ += [
     "sharding", "param_shardings", "adapter_shardings", "init_adapters_sharded", "opt_state_shardings",
 ]
+
+from dora_jax import quant
+from dora_jax.quant import (
+    Int8Kernel,
+    NF4Kernel,
+    QuantizedKernel,
+    check_float_kernel,
+    dequantize_params,
+    is_quantized,
+    quantize,
+    quantized_param_shardings,
+)
+
+__all__ += [
+    "quant", "quantize", "dequantize_params", "is_quantized", "check_float_kernel",
+    "QuantizedKernel", "NF4Kernel", "Int8Kernel", "quantized_param_shardings",
+]
