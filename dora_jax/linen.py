@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dora_jax import core
+from dora_jax import quant
 from dora_jax import tree as tree_lib
 from dora_jax import variants
 from dora_jax.projection import Projection, einsum_kernel_axes
@@ -184,10 +185,45 @@ def _cached_norm(module: nn.Module, o_dim: int) -> Array | None:
   return w0_norm_sq
 
 
-def _factored_call(module, next_fun, args, kwargs, config, shared, inputs: int,
+def _own_params(module: nn.Module, drop: Mapping) -> dict:
+  """The module's own params: without adapter leaves and cached norms, kernels dequantized."""
+  own = {}
+  for k, v in module.variables["params"].items():
+    if k in drop or k == NORM_KEY:
+      continue
+    v = tree_lib.unbox(v)
+    own[k] = quant.dequantize(v) if quant.is_quantized(v) else v
+  return own
+
+
+def _base_call(module, next_fun, context, args, kwargs, adapter: Mapping) -> Any:
+  """The module's own output ``y0``; a quantized kernel is dequantized for this call only.
+
+  Inside the step, one layer at a time under ``nn.scan``; under ``jax.checkpoint`` so the
+  backward re-dequantizes ``W0`` for ``∇x`` instead of keeping a full-precision copy of
+  every layer's kernel (what QLoRA's backward does too).
+  """
+  key = "embedding" if isinstance(module, nn.Embed) else "kernel"
+  if not (module.has_variable("params", key)
+          and quant.is_quantized(tree_lib.unbox(module.get_variable("params", key)))):
+    return next_fun(*args, **kwargs)
+  own_q = {k: tree_lib.unbox(v) for k, v in module.variables["params"].items()
+           if k not in adapter and k != NORM_KEY}
+  clone, method = module.clone(parent=None), context.method_name
+
+  def run(own_q, args):
+    own = jax.tree.map(lambda v: quant.dequantize(v) if quant.is_quantized(v) else v, own_q,
+                       is_leaf=quant.is_quantized)
+    return clone.apply({"params": own}, *args, method=method, **kwargs)
+
+  return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(own_q, args)
+
+
+def _factored_call(module, next_fun, context, args, kwargs, config, shared, inputs: int,
                    dropout_on: bool, dora_path: str) -> Array:
   ad = _adapter_of(module)
-  kernel = tree_lib.unbox(module.get_variable("params", "kernel"))
+  kernel = tree_lib.kernel_value(
+      {"kernel": tree_lib.unbox(module.get_variable("params", "kernel"))}, _where(module))
   x = args[0] if args else kwargs["inputs"]
   layout = tree_lib.layout_from_adapter(_where(module), tuple(kernel.shape), ad)
   i_dim, o_dim = layout.matrix_shape(tuple(kernel.shape))
@@ -197,7 +233,7 @@ def _factored_call(module, next_fun, args, kwargs, config, shared, inputs: int,
         f" not fit its {type(module).__name__} kernel {kernel.shape} with {inputs} input axes."
         " Build the adapters with layouts=dora_jax.kernel_layouts(model, *example_inputs).")
   proj = _projection(module, x, kernel, inputs, args, kwargs)
-  y0 = next_fun(*args, **kwargs)
+  y0 = _base_call(module, next_fun, context, args, kwargs, ad)
   x_in = _dropout(x, config.adapter_dropout, module.make_rng("dropout")) if dropout_on else x
   bias = (tree_lib.unbox(module.get_variable("params", "bias"))
           if module.has_variable("params", "bias") else None)
@@ -214,12 +250,11 @@ def _factored_call(module, next_fun, args, kwargs, config, shared, inputs: int,
 def _merged_call(module, context, args, kwargs, config, shared, chosen: bool = False) -> Any:
   key = "embedding" if isinstance(module, nn.Embed) else "kernel"
   ad = _adapter_of(module)
-  w = tree_lib.unbox(module.get_variable("params", key))
+  own = _own_params(module, ad)
+  w = own[key]
   layout = tree_lib.layout_from_adapter(_where(module), tuple(w.shape), ad)
   w_mat = w.reshape(layout.matrix_shape(tuple(w.shape)))
   merged, _ = variants.merge_kernel(w_mat, ad, config, shared)
-  own = {k: tree_lib.unbox(v) for k, v in module.variables["params"].items()
-         if k not in ad and k != NORM_KEY}
   own[key] = merged.reshape(w.shape)
   if not chosen:
     _say_merged_once(type(module).__name__, "no factored forward for this layer type")
@@ -230,9 +265,10 @@ def _interceptor(config, dora_path: str, shared, next_fun, args, kwargs, context
   module = context.module
   marker = variants.config_variant(config).marker
   if (context.method_name not in ("__call__", "attend")
-      or not isinstance(module, _ADAPTABLE_TYPES)
-      or not module.has_variable("params", marker)):
+      or not isinstance(module, _ADAPTABLE_TYPES)):
     return next_fun(*args, **kwargs)
+  if not module.has_variable("params", marker):
+    return _base_call(module, next_fun, context, args, kwargs, {})
   dropout_on = config.adapter_dropout > 0.0 and module.scope.has_rng("dropout")
   is_dora = module.has_variable("params", variants.MAGNITUDE)
   if dora_path == "merged" and is_dora and not dropout_on:
@@ -241,8 +277,8 @@ def _interceptor(config, dora_path: str, shared, next_fun, args, kwargs, context
     kernel = module.get_variable("params", "kernel")
     inputs = _module_inputs(module, tree_lib.unbox(kernel).ndim, args, kwargs)
     if inputs is not None:
-      return _factored_call(module, next_fun, args, kwargs, config, shared, inputs, dropout_on,
-                            dora_path)
+      return _factored_call(module, next_fun, context, args, kwargs, config, shared, inputs,
+                            dropout_on, dora_path)
   return _merged_call(module, context, args, kwargs, config, shared)
 
 
@@ -263,8 +299,7 @@ def base_norms(params, adapters: Mapping) -> dict:
   for path, adapter in tree_lib.flatten_adapters(adapters).items():
     if variants.MAGNITUDE not in adapter:
       continue
-    module = tree_lib.get_path(params, path)
-    w = module[tree_lib.weight_key(module)]
+    w = tree_lib.kernel_value(tree_lib.get_path(params, path))
     w_mat = jnp.reshape(w, layouts[path].matrix_shape(tuple(w.shape)))
     flat[path] = {NORM_KEY: tree_lib._stacked(core.column_norm_sq, layouts[path].stack)(w_mat)}
   return tree_lib.unflatten(flat)

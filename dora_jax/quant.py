@@ -474,7 +474,7 @@ def quantize(params: Any, *, method: str = "nf4",
                       exclude_modules=exclude_modules)
   layouts = dict(layouts or {})
   out, done = plain, []
-  for path in tree_lib.select_targets(plain, config):
+  for path in tree_lib.select_targets(plain, config, layouts=layouts):
     module = tree_lib.get_path(plain, path)
     key = tree_lib.weight_key(module)
     if key == "embedding" and not quantize_embeddings:

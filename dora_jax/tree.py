@@ -341,8 +341,25 @@ def _path_key(key: Array, path: str) -> Array:
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def _kernel_matrix(module: Mapping, layout: KernelLayout) -> tuple[Array, tuple[int, ...]]:
+def kernel_value(module: Mapping, path: str = "") -> Array:
+  """A module's kernel (or embedding) as an array: a quantized kernel (:mod:`dora_jax.quant`)
+  is dequantized to its original dtype (QDoRA's norms and merges use the dequantized ``W0``).
+
+  Raises:
+    ValueError: for an integer or other non-float kernel that did not come through
+      :func:`dora_jax.quantize` (adapter math on it would be silently wrong).
+  """
+  from dora_jax import quant  # pylint: disable=g-import-not-at-top  (quant builds on tree)
+
   w = module[weight_key(module)]
+  if quant.is_quantized(w):
+    return quant.dequantize(w)
+  quant.check_float_kernel(w, path or weight_key(module))
+  return w
+
+
+def _kernel_matrix(module: Mapping, layout: KernelLayout, path: str = "") -> tuple[Array, tuple[int, ...]]:
+  w = kernel_value(module, path)
   return jnp.reshape(w, layout.matrix_shape(tuple(w.shape))), tuple(w.shape)
 
 
@@ -407,7 +424,7 @@ def init_adapters(
     shared = variant.init_shared(max(i for i, _ in dims), max(o for _, o in dims), config)
   flat = {}
   for path, (module, layout) in mats.items():
-    w_mat, _ = _kernel_matrix(module, layout)
+    w_mat, _ = _kernel_matrix(module, layout, path)
     stack_shape = w_mat.shape[:-2]
     keys = _path_key(key, path)
     if stack_shape:  # one key per stacked layer
@@ -448,7 +465,8 @@ def merge(params: Params, adapters: Mapping, config: Any, *, return_norms: bool 
       which :func:`unmerge` needs to invert a DoRA merge.
 
   Returns:
-    The merged params, or ``(merged, norms)``.
+    The merged params, or ``(merged, norms)``. Quantized kernels (:func:`dora_jax.quantize`)
+    come back dequantized, adapted or not: the result runs the unmodified model.
 
   Raises:
     ValueError: if an adapter does not fit its kernel or was made with another config.
@@ -459,11 +477,14 @@ def merge(params: Params, adapters: Mapping, config: Any, *, return_norms: bool 
   out = params
   norms = {}
   for path, adapter in flatten_adapters(adapters).items():
-    w_mat, shape = _kernel_matrix(get_path(plain, path), layouts[path])
+    w_mat, shape = _kernel_matrix(get_path(plain, path), layouts[path], path)
     fn = lambda w_, ad_, sh_: variants.merge_kernel(w_, ad_, config, sh_)
     merged, norm = _per_layer(fn, layouts[path], shared)(w_mat, adapter)
     out = _replace_weight(out, path, jnp.reshape(merged, shape))
     norms[path] = norm
+  from dora_jax import quant  # pylint: disable=g-import-not-at-top  (quant builds on tree)
+
+  out = quant.dequantize_params(out)  # a quantized base merges into full-precision params
   return (out, unflatten(norms)) if return_norms else out
 
 
@@ -483,7 +504,7 @@ def unmerge(merged: Params, adapters: Mapping, config: Any, norms: Mapping | Non
   flat_norms = flatten_norms(norms) if norms is not None else {}
   out = merged
   for path, adapter in flatten_adapters(adapters).items():
-    w_mat, shape = _kernel_matrix(get_path(plain, path), layouts[path])
+    w_mat, shape = _kernel_matrix(get_path(plain, path), layouts[path], path)
     if variants.MAGNITUDE in adapter:
       if path not in flat_norms:
         raise ValueError(

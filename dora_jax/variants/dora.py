@@ -12,11 +12,16 @@ Execution paths (:data:`PATHS`), equal up to rounding:
 
 - ``"custom_vjp"`` (default, the lean one): a hand-written backward that keeps the
   layer's output ``y`` instead of ``u = x W0 + s(xA)B`` (``∇m = Σ dy ⊙ (y − b) / m``),
-  a buffer the next op usually keeps anyway. Where ``g`` is too small for ``(y − b)/g``
-  to give back ``u`` (a zero or underflowing magnitude: a dead unit, a bf16/fp16
-  adapter, an imported adapter), the backward recomputes ``u`` for that layer instead
-  (``lax.cond``: no cost otherwise), so gradients stay finite and exact. With adapter
-  dropout active it runs ``"factored"`` (``u`` is not a function of ``y`` there).
+  a buffer the next op usually keeps anyway. A zero or underflowing magnitude (a dead
+  unit, a bf16/fp16 adapter, an imported adapter) would make ``(y − b) / m`` a 0/0: the
+  forward uses ``m`` clamped to ``|m| ≥ 1e-19`` (:data:`MIN_MAGNITUDE`, a change of
+  ``y`` far below float32 rounding), so ``y − b = g·u`` keeps ``u`` in float32/bfloat16's
+  exponent range and every gradient stays finite; the clamp is straight-through for
+  ``∇m``. ``∇m`` is exact for layers without a bias; with a bias ``b`` and ``|g·u| ≪ |b|``
+  (a magnitude near 0), ``y − b`` loses ``g·u`` to rounding and ``∇m`` of that feature is
+  approximate (finite); use ``"factored"`` where such magnitudes must train exactly. Layers computing in float16 (whose exponent range is
+  too small for that) and layers with adapter dropout active (``u`` is not a function
+  of ``y`` there) run ``"factored"``.
 - ``"factored"``: the same forward, differentiated by autodiff (keeps ``u``).
 - ``"merged"``: materializes ``W'`` and runs the module on it (the reference; handled by
   the front-ends).
@@ -28,13 +33,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dora_jax import core
 from dora_jax.projection import Projection
 
 Array = jax.Array
 _F32 = jnp.float32
+
+MIN_MAGNITUDE = 1e-19
+"""Smallest ``|m|`` the lean path's forward uses (see the module docstring)."""
 
 PATHS = ("custom_vjp", "factored", "merged")
 """How DoRA layers run in training; see the module docstring."""
@@ -59,8 +66,16 @@ def direction_norm(w_mat: Array, a: Array, b: Array, scale: float,
 
 
 def _combine(y0: Array, base: Array, low: Array, g: Array) -> Array:
-  """``y0 + (g − 1)·base + g·low`` in float32: the one DoRA output formula of every path."""
-  return y0.astype(_F32) + (g - 1.0) * base + g * low
+  """``y0 + (g − 1)·base + g·low`` in float32: the one DoRA output formula of every path.
+
+  ``base = x W0``. Where ``|g| < 1/2`` it is evaluated as ``g·(base + low) + (y0 − base)``
+  instead: the same value, but ``y − b`` keeps ``g·u`` when ``g`` is tiny (``(g − 1)``
+  would round to ``−1`` and cancel it), which the lean backward divides by ``m``.
+  """
+  y0 = y0.astype(_F32)
+  near_one = y0 + (g - 1.0) * base + g * low
+  small = g * (base + low) + (y0 - base)
+  return jnp.where(jnp.abs(g) < 0.5, small, near_one)
 
 
 def output(
@@ -106,11 +121,9 @@ def output(
     return (y0.astype(_F32) + low).astype(dt)
   norm = direction_norm(w_mat, a, b, scale, w0_norm_sq)
   bias_b = None if bias is None else proj.output_bias(bias)
-  if path == "custom_vjp" and not dropped and proj.keeps_free_axes:
+  if path == "custom_vjp" and not dropped and proj.keeps_free_axes and dt != jnp.float16:
     # Cast outside the custom_vjp, so autodiff maps dx back to x's dtype.
-    # W0 is frozen here: its cotangent (zeros) is dropped, so XLA never forms it.
-    return _lean(proj, float(scale), y0, x_in.astype(dt), jax.lax.stop_gradient(w_mat), a, b,
-                 magnitude, norm, bias_b)
+    return _lean(proj, float(scale), y0, x_in.astype(dt), a, b, magnitude, norm, bias_b)
   low = scale * proj.low_rank(x_in, a, b, dt)
   g = proj.per_output(core.dora_column_scale(magnitude, norm))
   if dropped:
@@ -124,58 +137,47 @@ def output(
 # The lean path: a backward that keeps y, not u
 
 
+def _clamped(magnitude: Array) -> Array:
+  m32 = magnitude.astype(_F32)
+  return jnp.where(jnp.abs(m32) < MIN_MAGNITUDE, jnp.where(m32 < 0, -MIN_MAGNITUDE, MIN_MAGNITUDE), m32)
+
+
 def _lean_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b):
   dt = y0.dtype
   h = proj.down(x, a, dt)
   low = scale * proj.up(h, b, dt)
-  g = proj.per_output(core.dora_column_scale(magnitude, norm))
+  g = proj.per_output(core.dora_column_scale(_clamped(magnitude), norm))
   base = y0.astype(_F32) if bias_b is None else y0.astype(_F32) - bias_b.astype(_F32)
   return _combine(y0, base, low, g).astype(dt), h, g
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _lean(proj, scale, y0, x, w_mat, a, b, magnitude, norm, bias_b):
+def _lean(proj, scale, y0, x, a, b, magnitude, norm, bias_b):
   return _lean_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b)[0]
 
 
-def _lean_fwd(proj, scale, y0, x, w_mat, a, b, magnitude, norm, bias_b):
+def _lean_fwd(proj, scale, y0, x, a, b, magnitude, norm, bias_b):
   y, h, g = _lean_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b)
   # Residuals: y (the next op usually keeps it too), x (the base matmul keeps it),
-  # h = xA [*free, r], w_mat (a frozen param, not a copy) and small vectors. Not u.
-  return y, (y, x, h, w_mat, a, b, magnitude, norm, g, bias_b)
-
-
-def _small_g_threshold(dtype) -> float:
-  """Below this ``|g|``, ``y − b = g·u`` in ``dtype`` may have lost ``u`` (underflow)."""
-  return float(np.sqrt(float(jnp.finfo(dtype).tiny)))
+  # h = xA [*free, r] and small vectors. Not u, not W0 (a dequantized W0 would be a copy).
+  return y, (y, x, h, a, b, magnitude, norm, g, bias_b)
 
 
 def _lean_bwd(proj, scale, res, dy):
-  y, x, h, w_mat, a, b, magnitude, norm, g, bias_b = res
+  y, x, h, a, b, magnitude, norm, g, bias_b = res
   dt = y.dtype
   dy32 = dy.astype(_F32)
   dyg = g * dy32
   dh, db = proj.up_transpose((scale * dyg).astype(dt), h, b)
   dx, da = proj.down_transpose(dh, x, a)
-  m32 = magnitude.astype(_F32)
-  g_vec = m32 / norm.astype(_F32)
-
-  def dm_from_y(_):
-    u_times_g = y.astype(_F32) if bias_b is None else y.astype(_F32) - bias_b.astype(_F32)
-    return proj.per_output_sum(dy32 * u_times_g) / jnp.where(m32 == 0, 1.0, m32)
-
-  def dm_from_u(_):  # ∇m = Σ dy ⊙ u / n with u recomputed: exact for any m
-    u = proj.base(x, w_mat, dt) + scale * proj.up(h, b, dt)
-    return proj.per_output_sum(dy32 * u) / norm.astype(_F32)
-
-  tiny = jnp.any(jnp.abs(g_vec) < _small_g_threshold(dt))
-  dm = jax.lax.cond(tiny, dm_from_u, dm_from_y, None)
+  u_times_g = y.astype(_F32) if bias_b is None else y.astype(_F32) - bias_b.astype(_F32)
+  dm = proj.per_output_sum(dy32 * u_times_g) / _clamped(magnitude)
   dbias = None
   if bias_b is not None:  # y depends on b explicitly through −(g − 1)·b
     axes = tuple(i for i, n in enumerate(bias_b.shape) if n == 1)
     dbias = jnp.sum(dy32 * (1.0 - g), axis=axes, keepdims=True).astype(bias_b.dtype)
-  return (dyg.astype(dt), dx.astype(x.dtype), jnp.zeros_like(w_mat), da.astype(a.dtype),
-          db.astype(b.dtype), dm.astype(magnitude.dtype), jnp.zeros_like(norm), dbias)
+  return (dyg.astype(dt), dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype),
+          dm.astype(magnitude.dtype), jnp.zeros_like(norm), dbias)
 
 
 _lean.defvjp(_lean_fwd, _lean_bwd)
