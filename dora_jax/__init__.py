@@ -51,18 +51,16 @@ __all__ = [
 
 from dora_jax.checkpoint import (
     CheckpointMismatchError,
-    TrainCheckpointer,
-    export_peft,
-    import_peft,
     load_adapters,
     params_fingerprint,
-    peft_module_name,
+    read_adapter_info,
     save_adapters,
 )
+from dora_jax.peft_format import export_peft, import_peft, peft_module_name, peft_state_dict
 
 __all__ += [
-    "save_adapters", "load_adapters", "TrainCheckpointer", "CheckpointMismatchError",
-    "export_peft", "import_peft", "peft_module_name", "params_fingerprint",
+    "save_adapters", "load_adapters", "read_adapter_info", "CheckpointMismatchError",
+    "params_fingerprint", "export_peft", "import_peft", "peft_module_name", "peft_state_dict",
 ]
 
 from dora_jax import sharding

@@ -1,8 +1,8 @@
 """The fine-tuning run: load, evaluate, train, checkpoint, evaluate, export.
 
 Built on dora_jax's public API: ``LoraConfig``, ``init_adapters``, ``wrap``,
-``merge``, ``kernel_layouts``, ``TrainCheckpointer``, ``export_peft`` and the
-models in ``dora_jax.models``.
+``merge``, ``kernel_layouts``, ``export_peft`` and the models in
+``dora_jax.models``; the training state is saved by :class:`train.checkpoint.TrainCheckpointer`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dora_jax.models.llama import Llama
 from train import data as data_lib
 from train import mesh as mesh_lib
 from train import steps as steps_lib
+from train.checkpoint import TrainCheckpointer
 from train.config import TrainConfig
 from train.modeling import load_base_model
 
@@ -267,8 +268,8 @@ def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
                                     process_index=slot, process_count=slots)
 
   # --- checkpoints / resume
-  ckpt = dora_jax.TrainCheckpointer(out / "checkpoints", run_fingerprint(cfg), keep=cfg.keep_checkpoints,
-                                    save_every=cfg.save_every or cfg.steps, overwrite=cfg.overwrite)
+  ckpt = TrainCheckpointer(out / "checkpoints", run_fingerprint(cfg), keep=cfg.keep_checkpoints,
+                           save_every=cfg.save_every or cfg.steps, overwrite=cfg.overwrite)
   start_step = 0
   previous: dict[str, Any] = {}
   if cfg.resume and ckpt.latest_step() is not None:
