@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dora_jax.config import LoraConfig
+from dora_jax.config import LoraConfig, config_from_dict
+from dora_jax.variants import SHARED_KEY
 from dora_jax.tree import check_adapters, flatten_adapters, unbox, unflatten
 
 PathLike = Any  # str, os.PathLike or etils.epath.Path (gs:// paths work through Orbax)
@@ -98,7 +99,7 @@ def _json_default(obj: Any) -> Any:
 
 def _config_dict(config: LoraConfig | Mapping[str, Any]) -> dict[str, Any]:
   """A JSON-normalized dict of a :class:`LoraConfig` or of a (nested) config mapping."""
-  d = config.to_dict() if isinstance(config, LoraConfig) else dict(config)
+  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   return json.loads(json.dumps(d, sort_keys=True, default=_json_default))
 
 
@@ -161,13 +162,17 @@ def _to_host(x: Any) -> np.ndarray:
 
 
 def _adapter_manifest(adapters: Mapping) -> dict[str, dict[str, dict[str, Any]]]:
-  """``{path: {leaf: {"shape": [...], "dtype": name}}}`` of an adapters tree."""
+  """``{path: {leaf: {"shape": [...], "dtype": name}}}`` of an adapters tree (the shared
+  leaves, VeRA's projections, under the path ``"shared"``)."""
+  groups = dict(flatten_adapters(adapters))
+  if isinstance(adapters, Mapping) and SHARED_KEY in adapters:
+    groups[SHARED_KEY] = dict(adapters[SHARED_KEY])
   return {
       path: {
           k: {"shape": list(np.shape(v)), "dtype": jnp.dtype(v.dtype).name}
           for k, v in sorted(leaves.items())
       }
-      for path, leaves in flatten_adapters(adapters).items()
+      for path, leaves in groups.items()
   }
 
 
@@ -247,6 +252,7 @@ def save_adapters(
       "format_version": FORMAT_VERSION,
       "dora_jax_version": _version(),
       "config": _config_dict(config),
+      "method": config.variant.name,
       "step": None if step is None else int(step),
       "metadata": json.loads(json.dumps(dict(metadata or {}))),
       "adapters": _adapter_manifest(adapters),
@@ -260,6 +266,8 @@ def save_adapters(
       sidecar.unlink()
   # Nested dicts (no '/' in Orbax's names), adapter leaves only.
   tree = unflatten({path: dict(leaves) for path, leaves in flatten_adapters(adapters).items()})
+  if isinstance(adapters, Mapping) and SHARED_KEY in adapters:  # VeRA's projections (save_projection)
+    tree[SHARED_KEY] = dict(adapters[SHARED_KEY])
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, tree, force=overwrite)
     ckptr.wait_until_finished()
@@ -323,7 +331,7 @@ def load_adapters(
       names the fields), or the adapters do not fit ``params`` (it names the path).
   """
   info = read_adapter_info(directory)
-  saved_config = LoraConfig.from_dict(info["config"])
+  saved_config = config_from_dict(info["config"], info.get("method", "lora"))
   if config is not None:
     diff = config_diff(info["config"], _config_dict(config))
     if diff:

@@ -254,6 +254,12 @@ def export_peft(
     dtype: dtype of the written tensors (e.g. ``jnp.bfloat16``); default: the
       adapters' dtype.
   """
+  if not isinstance(config, LoraConfig):
+    what = "DVoRA" if getattr(config, "use_dora", False) else type(config).__name__
+    raise ValueError(
+        f"export_peft writes LoRA/DoRA adapters; {what} adapters have no PEFT export here"
+        + (" (PEFT has no DVoRA)" if what == "DVoRA" else " yet")
+        + ": export the merged weights instead (dora_jax.merge, or the trainer's --export merged).")
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   tensors = peft_state_dict(adapters, params=params, module_name_map=module_name_map, dtype=dtype)

@@ -165,3 +165,15 @@ def test_bad_input():
   big = dora_jax.VeraConfig(r=16, target_modules=["up", "down"])
   ad16 = dora_jax.init_adapters(jax.random.key(0), params, big)
   assert ad16["shared"]["vera_A"].shape == (6, 16)
+
+
+def test_save_load_and_peft_export_refusal(tmp_path):
+  model, x, params, cfg, ad = setup(True)
+  dora_jax.save_adapters(tmp_path / "a", ad, cfg)
+  loaded, loaded_cfg = dora_jax.load_adapters(tmp_path / "a")
+  assert loaded_cfg == cfg
+  np.testing.assert_array_equal(loaded["shared"]["vera_B"], ad["shared"]["vera_B"])
+  np.testing.assert_allclose(dora_jax.wrap(model.apply, loaded_cfg)(params, loaded, x),
+                             dora_jax.wrap(model.apply, cfg)(params, ad, x), rtol=1e-6)
+  with pytest.raises(ValueError, match="DVoRA.*merged"):
+    dora_jax.export_peft(tmp_path / "p", ad, cfg)
