@@ -28,6 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from dora_jax import quant
 from dora_jax import sharding as sh
+from dora_jax.models.llama import LOGICAL_AXIS_RULES
+from train import mesh as tm
 from dora_jax.tree import KernelLayout
 
 
@@ -38,7 +40,7 @@ def _codes(tree):
 
 
 def main() -> None:
-  mesh = sh.make_mesh("fsdp=4,tensor=2")
+  mesh = tm.make_mesh("fsdp=4,tensor=2")
   rng = np.random.default_rng(0)
   # Stacked [layers, I, O] like nn.scan's q_proj (6144 values a layer: 96 blocks of 64);
   # an unstacked [40, 24] kernel sharded on its input axis over tensor (15 blocks: odd).
@@ -49,7 +51,7 @@ def main() -> None:
           rng.standard_normal((40, 24)).astype(np.float32), ("tensor", "fsdp"))},
   }
   layouts = {"layers/q_proj": KernelLayout(stack=1, inputs=1)}
-  p_sh = sh.param_shardings(params, mesh)
+  p_sh = sh.param_shardings(params, mesh, rules=LOGICAL_AXIS_RULES)
   plain = sh.shard_params(nn.unbox(params), p_sh)
   out: dict = {"devices": jax.device_count()}
   for method in ("nf4", "int8"):
@@ -65,15 +67,15 @@ def main() -> None:
                                     / np.maximum(np.abs(np.asarray(b)), 1e-30)))
     deq = jax.jit(quant.dequantize_params, out_shardings=p_sh)(q)
     out[method] = {
-        "specs": sh.describe(jax.tree.map(lambda x: x.sharding, q)),
-        "expected": sh.describe(expected),
+        "specs": tm.describe(jax.tree.map(lambda x: x.sharding, q)),
+        "expected": tm.describe(expected),
         "codes_equal_to_single_device": all(jax.tree.leaves(codes_equal)),
         "max_rel_diff_to_single_device": max(jax.tree.leaves(jax.tree.map(rel, q, single))),
         "dequantized_max_rel_diff": max(jax.tree.leaves(jax.tree.map(
             rel, deq, quant.dequantize_params(single)))),
-        "dequantized_specs": sh.describe(jax.tree.map(lambda x: x.sharding, deq)),
+        "dequantized_specs": tm.describe(jax.tree.map(lambda x: x.sharding, deq)),
         "codes_bytes": {"total": int(q["layers"]["q_proj"]["kernel"].codes.nbytes),
-                        "per_device": sh.per_device_bytes(q["layers"]["q_proj"]["kernel"].codes)},
+                        "per_device": tm.per_device_bytes(q["layers"]["q_proj"]["kernel"].codes)},
     }
   # A per-layer slice of the sharded stacked kernel dequantizes in its own sharding.
   qk = quant.quantize_nf4(plain["layers"]["q_proj"]["kernel"], stack=1)
