@@ -143,7 +143,7 @@ def update_kv_cache(module: nn.Module, k: Array, v: Array, cache_index: Array,
   ``cache_index + [0, T)`` and returns the whole cache ``[B, S, K, hd]`` (keys, values).
 
   The cache variables ``cached_key`` / ``cached_value`` are created by ``model.init`` with
-  the shape of that call's input (see :func:`dora_jax.models.generate.init_cache`).
+  the shape of that call's input (see :func:`dora_jax.models.generation.init_cache`).
 
   Raises:
     ValueError: the cache is missing at apply time (pass ``{"cache": ...}`` and

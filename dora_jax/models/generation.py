@@ -82,32 +82,36 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, multiple: in
   return ids, mask
 
 
-def sample_logits(logits: Array, rng: Array, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0) -> Array:
+def sample_logits(logits: Array, rng: Array, temperature: float | Array = 0.0, top_k: int | Array = 0,
+                  top_p: float | Array = 1.0) -> Array:
   """Next tokens ``[B]`` int32 from ``logits [B, V]``.
 
   ``temperature == 0``: argmax (greedy). Else ``logits / temperature``, keep the ``top_k``
   largest (0 = all), keep the smallest set whose softmax mass reaches ``top_p`` (1 = all;
   the most likely token is always kept), and draw from the rest with ``rng``. The order and
   the cut-offs are those of transformers' ``TemperatureLogitsWarper``, ``TopKLogitsWarper``
-  and ``TopPLogitsWarper`` (ties at the cut-off are kept).
+  and ``TopPLogitsWarper`` (ties at a cut-off are kept). The settings may be traced values
+  (one compilation serves them all: a ``lax.cond`` picks greedy or sampling).
   """
   logits = logits.astype(jnp.float32)
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  neg = jnp.finfo(jnp.float32).min
-  if top_k and top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, neg, logits)
-  if top_p < 1.0:
-    desc = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p  # always keeps the first
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if isinstance(temperature, (int, float)) and temperature == 0:
+    return greedy
+  v = logits.shape[-1]
+
+  def draw(_):
+    scaled = logits / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
+    desc = jnp.sort(scaled, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
+    kth = jax.lax.dynamic_index_in_dim(desc, k - 1, axis=1)  # [B, 1]
+    in_k = jnp.arange(v) < k
+    probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)  # top-p sees the top-k only
+    keep = in_k & (jnp.cumsum(probs, axis=-1) - probs < top_p)  # always keeps the first
     cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, neg, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    kept = (scaled >= kth) & (scaled >= cutoff)
+    return jax.random.categorical(rng, jnp.where(kept, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(jnp.asarray(temperature) > 0, draw, lambda _: greedy, None)
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
@@ -126,9 +130,10 @@ def make_generate_fn(model: nn.Module, lora_config: Any = None, *, dora_path: st
                      use_cache: bool = True):
   """The jitted generation function for ``model`` (and adapters made with ``lora_config``).
 
-  Returns ``run(params, adapters, base_norms, input_ids [B, P], attention_mask [B, P], rng, *,
-  max_new_tokens, temperature, top_k, top_p, eos_token_ids: tuple, pad_token_id, return_logits)
-  -> GenerateOutput``; the keyword arguments are static (each combination compiles once).
+  Returns ``run(params, adapters, base_norms, input_ids [B, P], attention_mask [B, P], rng,
+  temperature, top_k, top_p, eos_ids [MAX_EOS_IDS] (-1 padded), pad_token_id, *, max_new_tokens,
+  return_logits) -> GenerateOutput``; only the keyword arguments are static (each value compiles
+  once).
   ``adapters`` / ``base_norms`` are None without ``lora_config``. ``use_cache=False`` recomputes
   the whole ``[B, P + N]`` sequence for every token instead (the reference the cache is measured
   against; same shapes every step, so it compiles once too). Cached per arguments.
@@ -142,16 +147,14 @@ def make_generate_fn(model: nn.Module, lora_config: Any = None, *, dora_path: st
     wrapped = wrap(model.apply, lora_config, dora_path=dora_path)
     apply = lambda variables, adapters, norms, *a, **kw: wrapped(variables, adapters, *a, base_norms=norms, **kw)
 
-  def run(params, adapters, base_norms, input_ids, attention_mask, rng, *, max_new_tokens: int,
-          temperature: float, top_k: int, top_p: float, eos_token_ids: tuple[int, ...],
-          pad_token_id: int, return_logits: bool):
+  def run(params, adapters, base_norms, input_ids, attention_mask, rng, temperature, top_k, top_p,
+          eos, pad_token_id, *, max_new_tokens: int, return_logits: bool):
     b, p = input_ids.shape
     n = max_new_tokens
     mask = attention_mask.astype(jnp.int32)
     kv_mask = jnp.concatenate([mask, jnp.ones((b, n), jnp.int32)], axis=1)  # [B, S]
     prompt_pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     next_pos = jnp.sum(mask, axis=1)  # position of the first generated token
-    eos = jnp.asarray(eos_token_ids or (-1,), jnp.int32)
     last = jnp.full((b, 1), p - 1, jnp.int32)
 
     if use_cache:
@@ -208,16 +211,23 @@ def make_generate_fn(model: nn.Module, lora_config: Any = None, *, dora_path: st
     _, _, _, lengths, tokens, all_logits, _ = jax.lax.while_loop(cond, body, carry)
     return GenerateOutput(tokens, lengths, all_logits)
 
-  return jax.jit(run, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p",
-                                       "eos_token_ids", "pad_token_id", "return_logits"))
+  return jax.jit(run, static_argnames=("max_new_tokens", "return_logits"))
 
 
-def _eos_tuple(eos_token_id) -> tuple[int, ...]:
+MAX_EOS_IDS = 8
+"""End-of-sequence ids one call accepts (they travel as a ``-1``-padded array: no recompilation)."""
+
+
+def _eos_array(eos_token_id) -> np.ndarray:
   if eos_token_id is None:
-    return ()
-  if isinstance(eos_token_id, (int, np.integer)):
-    return (int(eos_token_id),)
-  return tuple(int(e) for e in eos_token_id)
+    ids = []
+  elif isinstance(eos_token_id, (int, np.integer)):
+    ids = [int(eos_token_id)]
+  else:
+    ids = [int(e) for e in eos_token_id]
+  if len(ids) > MAX_EOS_IDS or any(i < 0 for i in ids):
+    raise ValueError(f"eos_token_id: at most {MAX_EOS_IDS} non-negative ids, got {ids}.")
+  return np.array(ids + [-1] * (MAX_EOS_IDS - len(ids)), np.int32)
 
 
 def generate(model: nn.Module, params: Any, input_ids: Any, attention_mask: Any = None, *,
@@ -266,12 +276,11 @@ def generate(model: nn.Module, params: Any, input_ids: Any, attention_mask: Any 
     raise ValueError(f"attention_mask {mask.shape} must have input_ids' shape {ids.shape}.")
   if not mask[:, -1].all() or (np.diff(mask, axis=1) < 0).any():
     raise ValueError("Prompts must be left-padded (padding first, the last column a real token);"
-                     " build them with dora_jax.models.generate.left_pad.")
+                     " build them with dora_jax.models.generation.left_pad.")
   if isinstance(params, dict) and set(params) == {"params"}:
     params = params["params"]
   rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
   fn = make_generate_fn(model, lora_config, dora_path=dora_path, use_cache=use_cache)
   return fn(nn.unbox(params), adapters, base_norms, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), rng,
-            max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-            top_p=float(top_p), eos_token_ids=_eos_tuple(eos_token_id), pad_token_id=int(pad_token_id),
-            return_logits=bool(return_logits))
+            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(_eos_array(eos_token_id)),
+            jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens), return_logits=bool(return_logits))
