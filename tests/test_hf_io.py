@@ -216,7 +216,7 @@ def test_load_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"No model.safetensors .*Files there: config.json, weights.bin"):
     hf.load_pretrained(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-  with pytest.raises(ValueError, match=r"Unsupported model_type 'gpt2'.*\['llama', 'mistral', 'qwen2'\]"):
+  with pytest.raises(ValueError, match=r"Unsupported model_type 'gpt2'.*\['llama', 'mistral', 'qwen2', 'qwen3', 'gemma2', 'gemma3_text'\]"):
     hf.load_pretrained(tmp_path)
   # A checkpoint whose config says 2 layers but holds 3; and one with a wrong shape.
   hf.save_pretrained(tmp_path / "c", config, init_params(config))

@@ -132,3 +132,76 @@ def test_smollm2_logits_match_transformers_gguf(gguf_reference):
   print(f"SmolLM2 vs transformers GGUF: max |Δlogit| = {err:.2e} (max |logit| {scale:.1f})")
   assert err < 1e-3 * scale, err
   np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+# ---------------------------------------------------------------------------
+# Gemma 2, Gemma 3 (text) and Qwen3: transformers writes a random checkpoint, we load it
+
+FAMILY = dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+              max_position_embeddings=64)
+
+
+def _family_model(model_type: str, seed: int = 0):
+  """Small configs where every family trait matters at T = 20: a window of 4 on some layers,
+  caps small enough for tanh to bend, a score scale other than head_dim^-1/2, two RoPE bases."""
+  if model_type == "gemma2":
+    cfg = transformers.Gemma2Config(**FAMILY, rope_theta=500.0, query_pre_attn_scalar=6, sliding_window=4,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+  elif model_type == "gemma3_text":
+    cfg = transformers.Gemma3TextConfig(
+        **FAMILY, query_pre_attn_scalar=6, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 77.0}})
+  else:
+    cfg = transformers.Qwen3Config(**FAMILY, rope_theta=500.0)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  with torch.no_grad():  # norms away from their init, so a mixed-up or un-offset norm shows
+    for p in model.parameters():
+      p.normal_(0.0, 0.2)
+  return model
+
+
+def _hf_logits(model) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK)).logits.numpy()
+
+
+@pytest.mark.parametrize("model_type,scan", [("gemma2", False), ("gemma3_text", True), ("qwen3", False)])
+def test_family_logits_match_transformers(tmp_path, model_type, scan):
+  model = _family_model(model_type)
+  model.save_pretrained(str(tmp_path / "theirs"))
+  theirs = _hf_logits(model)
+  config, params = hf.load_pretrained(tmp_path / "theirs", scan_layers=scan)
+  assert config.model_type == model_type and config.qk_norm == (model_type != "gemma2")
+  assert config.sliding_window == (None if model_type == "qwen3" else 4)
+  if model_type == "gemma3_text":
+    assert (config.rope_theta, config.rope_local_base_freq, config.rope_scaling["factor"]) == (500.0, 77.0, 2.0)
+  _assert_close_where_valid(_ours(config, params, scan=scan), theirs, atol=1e-4)
+  # Our writer: transformers reads the same model back, and so do we.
+  hf.save_pretrained(tmp_path / "ours", config, params)
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), local_files_only=True)
+  _assert_close_where_valid(_hf_logits(again.eval()), theirs, atol=1e-5)
+  assert hf.load_config(tmp_path / "ours") == config
+
+
+def test_family_peft_export_loads_on_transformers(tmp_path):
+  """DoRA adapters on a Gemma 3 with PEFT's module names: PEFT on the transformers model computes
+  what wrap() computes on ours."""
+  peft = pytest.importorskip("peft")
+  import dora_jax
+
+  model = _family_model("gemma3_text", seed=1)
+  model.save_pretrained(str(tmp_path / "base"))
+  config, params = hf.load_pretrained(tmp_path / "base")
+  lcfg = dora_jax.LoraConfig(r=2, lora_alpha=4.0, use_dora=True, init_lora_weights=False,
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                             "up_proj", "down_proj"])
+  adapters = dora_jax.init_adapters(jax.random.key(3), params, lcfg)
+  dora_jax.export_peft(tmp_path / "adapter", adapters, lcfg, params=params)
+  peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path / "adapter")).eval()
+  ours = dora_jax.wrap(Llama(config).apply, lcfg)(params, adapters, jnp.asarray(IDS, jnp.int32),
+                                                   attention_mask=jnp.asarray(MASK))
+  _assert_close_where_valid(np.asarray(ours), _hf_logits(peft_model), atol=1e-4)

@@ -1,11 +1,16 @@
 """Hugging Face checkpoints (safetensors + ``config.json``) ⇄ :class:`~dora_jax.models.llama.Llama` params.
 
+Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 (text) checkpoints; Gemma's norm
+weights are kept as stored (the model computes ``1 + w``).
+
 The mapping is pure name/layout bookkeeping::
 
     model.embed_tokens.weight                  [V, D]      -> model/embed_tokens/embedding  [V, D]
     model.layers.{i}.self_attn.q_proj.weight   [H*hd, D]   -> model/layers_{i}/self_attn/q_proj/kernel [D, H*hd]
     model.layers.{i}.self_attn.q_proj.bias     [H*hd]      -> .../q_proj/bias  (qwen2 / attention_bias)
     model.layers.{i}.input_layernorm.weight    [D]         -> model/layers_{i}/input_layernorm/scale
+    model.layers.{i}.self_attn.q_norm.weight   [hd]        -> .../self_attn/q_norm/scale  (qwen3, gemma3_text)
+    model.layers.{i}.pre_feedforward_layernorm.weight [D]  -> .../pre_feedforward_layernorm/scale  (gemma)
     model.norm.weight                          [D]         -> model/norm/scale
     lm_head.weight                             [V, D]      -> lm_head/kernel [D, V]  (absent when tied)
 
@@ -93,9 +98,14 @@ def _layer_entries(config: LlamaConfig) -> list[tuple[str, tuple[str, ...], tupl
       ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (f, d), True),
       ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (f, d), True),
       ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (d, f), True),
-      ("input_layernorm.weight", ("input_layernorm", "scale"), (d,), False),
-      ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (d,), False),
   ]
+  if c.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head
+    out += [(f"self_attn.{n}.weight", ("self_attn", n, "scale"), (c.head_dim,), False)
+            for n in ("q_norm", "k_norm")]
+  norms = ["input_layernorm", "post_attention_layernorm"]
+  if c.is_gemma:
+    norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+  out += [(f"{n}.weight", (n, "scale"), (d,), False) for n in norms]
   return out
 
 
@@ -347,7 +357,7 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
 
   Raises:
     FileNotFoundError: no ``config.json`` (the message lists the directory).
-    ValueError: a ``model_type`` other than llama, mistral, qwen2.
+    ValueError: a ``model_type`` not in :data:`~dora_jax.models.llama.SUPPORTED_MODEL_TYPES`.
   """
   path = Path(path)
   cfg_file = path / CONFIG_FILE
@@ -357,7 +367,9 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
     raise FileNotFoundError(f"No {CONFIG_FILE} in {path}. Files there: {_list_dir(path)}")
   model_type = json.loads(cfg_file.read_text()).get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"Unsupported model_type {model_type!r} in {cfg_file}; "
+    hint = (" (a multimodal Gemma 3: only text-only Gemma3ForCausalLM checkpoints, model_type"
+            " 'gemma3_text', are supported)") if model_type == "gemma3" else ""
+    raise ValueError(f"Unsupported model_type {model_type!r} in {cfg_file}{hint}; "
                      f"supported: {list(SUPPORTED_MODEL_TYPES)}.")
   from transformers import AutoConfig
   return LlamaConfig.from_hf(AutoConfig.from_pretrained(str(path), local_files_only=True))
@@ -375,7 +387,7 @@ def load_pretrained(
     scan_layers: bool = False,
     sharding_fn: ShardingFn | None = None,
 ) -> tuple[LlamaConfig, Params]:
-  """Load an HF Llama / Mistral / Qwen2 checkpoint directory, without torch and offline.
+  """Load an HF Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 checkpoint directory, offline, no torch.
 
   Args:
     path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded
