@@ -165,7 +165,7 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  from dora_jax.checkpoint import TrainCheckpointer
+  from train.checkpoint import TrainCheckpointer
   from dora_jax.models import hf
   from train.config import TrainConfig
   from train.loop import lora_config, run_fingerprint

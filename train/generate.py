@@ -175,7 +175,7 @@ def load_run(run: str | os.PathLike, source: str = "auto", step: int | None = No
     adapters, lcfg = dora_jax.import_peft(run / "peft_adapter", gen.params)
     gen.description = f"{run / 'peft_adapter'} on {cfg.model}"
   else:
-    from dora_jax.checkpoint import TrainCheckpointer
+    from train.checkpoint import TrainCheckpointer
     ckpt_step, record = _checkpoint_record(run / "checkpoints", step)
     with TrainCheckpointer((run / "checkpoints").absolute(), record["config"], async_save=False) as ckpt:
       trainable = ckpt.restore(ckpt_step)["trainable"]
