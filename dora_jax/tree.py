@@ -264,6 +264,25 @@ def check_adapters(params: Params, adapters: Mapping) -> dict[str, KernelLayout]
   return layouts
 
 
+def check_config_matches(adapters: Mapping, config: LoraConfig) -> None:
+  """Checks that ``config`` describes ``adapters`` as far as arrays can tell: DoRA
+  adapters (a ``magnitude`` leaf) need ``use_dora=True``, LoRA ones ``False``.
+
+  ``lora_alpha`` and ``use_rslora`` (the scale) leave no trace in the arrays and cannot
+  be checked here: take them from where the adapters were saved (``load_adapters`` and
+  ``import_peft`` return the saved config).
+
+  Raises:
+    ValueError: naming the first module whose adapter disagrees with ``config.use_dora``.
+  """
+  for path, adapter in flatten_adapters(adapters).items():
+    if ("magnitude" in adapter) != bool(config.use_dora):
+      has = "has" if "magnitude" in adapter else "lacks"
+      raise ValueError(
+          f"The adapter at '{path}' {has} a DoRA magnitude but the config says"
+          f" use_dora={config.use_dora}: use the config the adapters were made (or saved) with.")
+
+
 # ---------------------------------------------------------------------------
 # Stacked application of the per-kernel math
 
@@ -411,7 +430,19 @@ def unmerge(merged: Params, adapters: Mapping, config: LoraConfig, norms: Mappin
   LoRA needs only the adapters. DoRA also needs ``norms`` from
   ``merge(..., return_norms=True)``: a merged DoRA kernel keeps the direction of
   ``V'`` but not its length.
+
+  Raises:
+    ValueError: a norm whose shape is not its magnitude's ``[*stack, O]`` (naming the path).
   """
+  if norms is not None:
+    flat_adapters = flatten_adapters(adapters)
+    for path, n in flatten_norms(norms).items():
+      m = flat_adapters.get(path, {}).get("magnitude")
+      if m is not None and tuple(jnp.shape(n)) != tuple(m.shape):
+        raise ValueError(
+            f"unmerge: the norm at '{path}' has shape {tuple(jnp.shape(n))}, but its DoRA"
+            f" magnitude has {tuple(m.shape)}: pass the norms that merge(..., return_norms=True)"
+            " returned for these adapters.")
   layouts = check_adapters(merged, adapters)
   plain = unbox(merged)
   flat_norms = flatten_norms(norms) if norms is not None else {}
