@@ -30,7 +30,9 @@ from train.checkpoint import CorruptCheckpointError, TrainCheckpointer
 from train.config import load_config, make_config
 from train import data as data_lib
 from train.loop import StopRequested, _StopSignals, run
-from train.run_dir import MetricsWriter, RunLock, RunLockedError, read_records
+from train.run_dir import (
+    MetricsWriter, RunLock, RunLockedError, read_records, recover_dir, replace_dir, write_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("step_seconds", "tokens_per_s", "seconds")  # the only fields two runs may differ in
@@ -120,6 +122,9 @@ def test_1_resumed_run_dying_before_its_first_step_keeps_metrics(tmp_path, monke
   # A resume from step 3 that dies before its first step: the kept history is on disk.
   MetricsWriter(tmp_path, False, resume_step=3)  # never written to, never closed
   assert read_records(path) == recs[:3]
+  (tmp_path / ".metrics.json.tmp-1").write_text("{")  # left by a writer killed before its rename
+  write_atomic(tmp_path / "metrics.json", "{}")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "metrics.jsonl"]
   # A kill during the trim itself (before the rename) leaves the old content whole.
   monkeypatch.setattr("train.run_dir.os.replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
   with pytest.raises(OSError, match="killed"):
@@ -202,6 +207,17 @@ def test_5_export_peft_replaces_an_existing_export(tmp_path):
     got, want = got[k], want[k]
   np.testing.assert_array_equal(got, want)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_5_a_kill_between_the_two_renames_of_an_export_is_repaired(tmp_path):
+  final = tmp_path / "peft_adapter"
+  replace_dir(final, lambda d: (d.mkdir(), (d / "v").write_text("1")))
+  os.replace(final, tmp_path / ".peft_adapter.old-7")  # killed after the first rename
+  (tmp_path / ".peft_adapter.tmp-7").mkdir()  # ... with the new export half-built
+  recover_dir(final)
+  assert (final / "v").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["peft_adapter"]
+  replace_dir(final, lambda d: (d.mkdir(), (d / "v").write_text("2")))
+  assert (final / "v").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["peft_adapter"]
 
 
 def _flip_bytes(step_dir: Path, everywhere: bool = False, n: int = 16):

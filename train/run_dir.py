@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -51,8 +52,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-  """Replaces ``path``'s content with ``text`` so that no kill leaves a mix or a truncated file."""
+  """Replaces ``path``'s content with ``text`` so that no kill leaves a mix or a truncated file
+  (call under the run lock: temporary files an earlier, killed writer left are removed)."""
   path = Path(path)
+  for stale in path.parent.glob(f".{path.name}.tmp-*"):
+    stale.unlink(missing_ok=True)
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   with open(tmp, "w") as fh:
     fh.write(text)
@@ -88,7 +92,12 @@ class RunLock:
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # no locks on this filesystem
+        os.close(fd)
+        logger.warning("Cannot lock %s (%s): a second trainer on this directory would not be"
+                       " detected.", self.path, e)
+        return None
       holder = _describe(_read_holder(fd))
       os.close(fd)
       raise RunLockedError(
