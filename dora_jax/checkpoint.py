@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax.config import LoraConfig, config_from_dict
+from dora_jax.tree import check_adapters, check_config_matches, flatten_adapters, unbox, unflatten
 from dora_jax.variants import SHARED_KEY
-from dora_jax.tree import check_adapters, flatten_adapters, unbox, unflatten
 
 PathLike = Any  # str, os.PathLike or etils.epath.Path (gs:// paths work through Orbax)
 Sharding = jax.sharding.Sharding
@@ -81,10 +81,11 @@ def _is_primary() -> bool:
 
 
 def _write_json_atomic(path, obj: Any) -> None:
-  """Writes ``obj`` as JSON to ``path`` via a temporary file and a rename."""
-  tmp = path.parent / (path.name + ".tmp")
+  """Writes ``obj`` as JSON to ``path`` via a temporary file and a replacing rename
+  (an existing ``path`` is replaced whole; a kill leaves the old file or the new)."""
+  tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def _json_default(obj: Any) -> Any:
@@ -234,7 +235,8 @@ def save_adapters(
 
   Raises:
     FileExistsError: ``directory`` already holds a checkpoint and not ``overwrite``.
-    ValueError: ``params`` given and the adapters do not fit them.
+    ValueError: ``params`` given and the adapters do not fit them, or ``config.use_dora``
+      disagrees with the adapters (DoRA adapters have a ``magnitude``).
   """
   ocp = _ocp()
   root = _epath(directory)
@@ -245,6 +247,7 @@ def save_adapters(
         f"{directory} already holds an adapter checkpoint; pass overwrite=True to"
         " replace it, or save to another directory."
     )
+  check_config_matches(adapters, config)
   if params is not None:
     check_adapters(params, adapters)
   info = {
@@ -323,7 +326,9 @@ def load_adapters(
 
   Returns:
     ``(adapters, config)``: the adapters with the saved shapes and dtypes, and the
-    saved config.
+    saved config. Apply them with that config: its ``lora_alpha`` and
+    ``use_rslora`` (the scale) cannot be read from the arrays, so adapters run
+    with another alpha would compute another model without any error.
 
   Raises:
     FileNotFoundError: not a dora_jax adapter checkpoint.
@@ -341,6 +346,10 @@ def load_adapters(
           " the saved one."
       )
   manifest = info["adapters"]
+  try:
+    check_config_matches(manifest, saved_config)
+  except ValueError as e:
+    raise CheckpointMismatchError(f"{directory}: the sidecar contradicts itself: {e}") from e
   leaf_shardings = _leaf_shardings(shardings, manifest)
   abstract = unflatten({
       path: {

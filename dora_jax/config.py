@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 from typing import Any, Sequence
 
@@ -52,8 +53,22 @@ class LoraConfig:
   adapter_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+    """Checks every field; numpy scalars (``np.int64(4)``) become Python numbers.
+
+    Raises:
+      ValueError: naming the field, the bad value and what is expected.
+    """
+    if not isinstance(self.r, numbers.Integral) or isinstance(self.r, bool) or self.r <= 0:
       raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
+    object.__setattr__(self, "r", int(self.r))
+    alpha = self.lora_alpha
+    if (not isinstance(alpha, numbers.Real) or isinstance(alpha, bool)
+        or not math.isfinite(float(alpha))):
+      raise ValueError(
+          f"LoraConfig.lora_alpha must be a finite number (the scale is lora_alpha / r), got"
+          f" {alpha!r}.")
+    if not isinstance(alpha, (int, float)):  # numpy scalars: JSON and hashing need Python numbers
+      object.__setattr__(self, "lora_alpha", float(alpha))
     if not 0.0 <= self.lora_dropout < 1.0:
       raise ValueError(
           f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}."
@@ -69,6 +84,16 @@ class LoraConfig:
           " such as ['q_proj', 'v_proj'], a regex matched against the '/'-joined"
           " module path, or 'all-linear'."
       )
+    for name in ("target_modules", "exclude_modules"):
+      value = getattr(self, name)
+      if isinstance(value, str) and value != "all-linear":
+        try:
+          re.compile(value)
+        except re.error as e:
+          raise ValueError(
+              f"LoraConfig.{name}={value!r} is not a valid regex ({e}); give a valid regex matched"
+              " in full against the '/'-joined module path, or a list of module-name suffixes."
+          ) from None
     # Lists are unhashable; keep the dataclass hashable so it can be a static jit arg.
     for name in ("target_modules", "exclude_modules"):
       value = getattr(self, name)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -48,6 +49,7 @@ from dora_jax.config import LoraConfig
 from dora_jax.tree import (
     KernelLayout,
     check_adapters,
+    check_config_matches,
     flatten_adapters,
     iter_modules,
     unbox,
@@ -242,6 +244,10 @@ def export_peft(
   In several processes every process must call this when the adapters span
   processes (they are gathered); the primary one writes.
 
+  Exporting again into the same folder replaces both files, each atomically
+  (a temporary file, then a replacing rename); temporary files that an export
+  killed midway left there are removed first.
+
   Args:
     directory: output folder (created).
     adapters: the adapters pytree.
@@ -253,6 +259,10 @@ def export_peft(
     base_model_name_or_path: recorded for PEFT (e.g. the HF hub id).
     dtype: dtype of the written tensors (e.g. ``jnp.bfloat16``); default: the
       adapters' dtype.
+
+  Raises:
+    ValueError: ``config.use_dora`` disagrees with the adapters, or (with
+      ``params``) the adapters do not fit them.
   """
   if not isinstance(config, LoraConfig):
     what = "DVoRA" if getattr(config, "use_dora", False) else type(config).__name__
@@ -262,6 +272,7 @@ def export_peft(
         + ": export the merged weights instead (dora_jax.merge, or the trainer's --export merged).")
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
+  check_config_matches(adapters, config)
   tensors = peft_state_dict(adapters, params=params, module_name_map=module_name_map, dtype=dtype)
   names = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
   peft_config = _peft_config_json(config, names, base_model_name_or_path)
@@ -269,14 +280,17 @@ def export_peft(
     return
   root = _epath(directory)
   root.mkdir(parents=True, exist_ok=True)
+  for name in (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME):  # left by an export that was killed
+    for stale in root.glob(f"{name}.tmp*"):
+      stale.unlink()
   metadata = {
       "format": "pt",
       "dora_jax.config": json.dumps(_config_dict(config), sort_keys=True),
       "dora_jax.version": _version(),
   }
-  tmp = root / (PEFT_WEIGHTS_NAME + ".tmp")
+  tmp = root / f"{PEFT_WEIGHTS_NAME}.tmp-{os.getpid()}"
   save_file(tensors, str(tmp), metadata=metadata)
-  tmp.rename(root / PEFT_WEIGHTS_NAME)
+  tmp.replace(root / PEFT_WEIGHTS_NAME)
   _write_json_atomic(root / PEFT_CONFIG_NAME, peft_config)
 
 
@@ -349,6 +363,50 @@ def _name_candidates(
   return out
 
 
+def _check_finite(tensors: Mapping[str, np.ndarray], directory) -> None:
+  """Raises ``ValueError`` naming the tensors that hold NaN or infinite values."""
+  bad = [k for k, v in sorted(tensors.items())
+         if not (np.issubdtype(v.dtype, np.integer) or v.dtype == np.bool_)
+         and not np.isfinite(np.asarray(v, np.float32)).all()]
+  if bad:
+    raise ValueError(
+        f"The PEFT adapter in {directory} has NaN or infinite values in {bad[:10]}"
+        f"{' ...' if len(bad) > 10 else ''}: it would make every output NaN. Re-export it from"
+        " a run whose loss stayed finite."
+    )
+
+
+def _listed_without_tensors(
+    peft_config: Mapping[str, Any],
+    candidates: Mapping[str, list[tuple[str, tuple[int, ...], int]]],
+    present: Mapping[str, Any],
+) -> list[str]:
+  """HF names of the params' modules that ``target_modules`` selects (PEFT's rule: the name
+  or a ``.``-suffix of it equals a listed entry) but that have no tensor in the file.
+
+  Only a list of ``target_modules`` without ``layers_to_transform`` or ``exclude_modules``
+  is checked (a regex or a layer subset says less about what must be there).
+  """
+  targets = peft_config.get("target_modules")
+  if (not isinstance(targets, (list, tuple)) or peft_config.get("layers_to_transform") is not None
+      or peft_config.get("exclude_modules")):
+    return []
+
+  def listed(name: str) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+  names_of: dict[str, list[str]] = {}  # one module path can have several names (stacked or not)
+  for name, options in candidates.items():
+    for path, _, _ in options:
+      names_of.setdefault(path, []).append(name)
+  absent = []
+  for names in names_of.values():
+    wanted = sorted(n for n in names if listed(n))
+    if wanted and not any(n in present for n in names):
+      absent.append(wanted[0])
+  return sorted(absent)
+
+
 def _config_from_peft(
     peft_config: Mapping[str, Any], metadata: Mapping[str, str], paths: Sequence[str], dtype
 ) -> LoraConfig:
@@ -418,7 +476,9 @@ def import_peft(
 
   Raises:
     ValueError: unsupported PEFT features, modules in the file that ``params``
-      lacks, missing layers of a stacked module, or shapes that do not fit.
+      lacks, modules that ``adapter_config.json``'s ``target_modules`` lists (and
+      ``params`` has) without tensors in the file, missing layers of a stacked
+      module, NaN or infinite values, or shapes that do not fit.
   """
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
@@ -431,9 +491,18 @@ def import_peft(
   with safe_open(str(root / PEFT_WEIGHTS_NAME), framework="numpy") as f:
     metadata = f.metadata() or {}
     tensors = {k: f.get_tensor(k) for k in f.keys()}
+  _check_finite(tensors, directory)
   modules = _parse_peft_tensors(tensors)
   name_map = module_name_map or peft_module_name
   candidates = _name_candidates(params, name_map, dict(layouts or {}))
+  absent = _listed_without_tensors(peft_config, candidates, modules)
+  if absent:
+    raise ValueError(
+        f"The PEFT adapter in {directory} is incomplete: adapter_config.json's target_modules"
+        f" {peft_config.get('target_modules')} select {absent[:10]}{' ...' if len(absent) > 10 else ''}"
+        f" in the params, but {PEFT_WEIGHTS_NAME} has no tensors for them. Re-export the"
+        " adapter, or fix target_modules to list only what was adapted."
+    )
 
   missing = sorted(n for n in modules if n not in candidates)
   if missing:

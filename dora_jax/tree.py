@@ -321,10 +321,25 @@ def check_adapters(params: Params, adapters: Mapping, config: Any = None) -> dic
           " made for another model?"
       )
     if config is not None:
-      variants.check_matches_config(adapter, config, path)
+      variants.check_matches_config(adapter, config, path)  # = check_config_matches
     kernel = module[weight_key(module)]
     layouts[path] = layout_from_adapter(path, tuple(kernel.shape), adapter)
   return layouts
+
+
+def check_config_matches(adapters: Mapping, config: Any) -> None:
+  """Checks that ``config`` describes ``adapters`` as far as arrays can tell: its method's
+  leaves are there, and DoRA adapters (a ``magnitude`` leaf) need ``use_dora=True``.
+
+  ``lora_alpha`` and ``use_rslora`` (the scale) leave no trace in the arrays and cannot
+  be checked here: take them from where the adapters were saved (``load_adapters`` and
+  ``import_peft`` return the saved config).
+
+  Raises:
+    ValueError: naming the first module whose adapter disagrees with ``config``.
+  """
+  for path, adapter in flatten_adapters(adapters).items():
+    variants.check_matches_config(adapter, config, path)
 
 
 # ---------------------------------------------------------------------------
@@ -496,8 +511,17 @@ def unmerge(merged: Params, adapters: Mapping, config: Any, norms: Mapping | Non
   ``V`` but not its length.
 
   Raises:
-    ValueError: if a DoRA adapter's norm is missing or of the wrong shape.
+    ValueError: if a DoRA adapter's norm is missing or of the wrong shape (naming the path).
   """
+  if norms is not None:
+    flat_adapters = flatten_adapters(adapters)
+    for path, n in flatten_norms(norms).items():
+      m = flat_adapters.get(path, {}).get("magnitude")
+      if m is not None and tuple(jnp.shape(n)) != tuple(m.shape):
+        raise ValueError(
+            f"unmerge: the norm at '{path}' has shape {tuple(jnp.shape(n))}, but its DoRA"
+            f" magnitude has {tuple(m.shape)}: pass the norms that merge(..., return_norms=True)"
+            " returned for these adapters.")
   layouts = check_adapters(merged, adapters, config)
   shared = shared_leaves(adapters)
   plain = unbox(merged)

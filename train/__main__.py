@@ -14,9 +14,18 @@ def main(argv=None) -> int:
   from train.config import load_config
 
   cfg = load_config(argv)
-  from train.loop import run
+  from train.checkpoint import CheckpointMismatchError, CorruptCheckpointError
+  from train.loop import StopRequested, run
+  from train.run_dir import RunLockedError
 
-  summary = run(cfg)
+  try:
+    summary = run(cfg)
+  except StopRequested as e:  # SIGINT / SIGTERM: the run said what it saved, if anything
+    print(f"stopped by {e}", file=sys.stderr)
+    return 128 + e.signum
+  except (RunLockedError, CheckpointMismatchError, CorruptCheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if "after" in summary:
     b, a = summary["before"], summary["after"]
     if "accuracy" in a:

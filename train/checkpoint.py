@@ -3,13 +3,27 @@ step and data position, over an ``orbax.checkpoint.CheckpointManager``.
 
 The library keeps adapter files (:mod:`dora_jax.checkpoint`) and the PEFT format
 (:mod:`dora_jax.peft_format`); the training state belongs to the trainer.
+
+What a checkpoint guarantees: a step directory appears only once it is complete
+(Orbax writes into a temporary directory and renames it), so a kill during a save
+leaves the previous steps as they were. Every array's SHA-256 is recorded in the
+step's JSON record and checked on restore, so bytes damaged on disk are reported
+(:class:`CorruptCheckpointError`) instead of read back as numbers;
+:meth:`TrainCheckpointer.restore_latest` then falls back to the newest intact step
+and :meth:`TrainCheckpointer.set_aside` moves damaged ones out of the way (they are
+never deleted).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
 import json
 import logging
 import re
+import sys
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -23,6 +37,7 @@ from dora_jax.checkpoint import (
     _default_sharding,
     _epath,
     _format_diff,
+    _is_primary,
     _ocp,
     _version,
     config_diff,
@@ -34,6 +49,46 @@ FORMAT_VERSION = 1
 """Version of the JSON record next to each training checkpoint."""
 
 _log = logging.getLogger(__name__)
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint cannot be read back as it was written: its files are damaged
+  (unreadable, or an array's bytes differ from the SHA-256 saved with them)."""
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+  """The first line of an error, capped: tensorstore's errors run to kilobytes."""
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  text = text.split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {text[:limit]}{' ...' if len(text) > limit else ''}"
+
+
+@contextlib.contextmanager
+def _quiet_unraisable():
+  """Drops the "Exception ignored in <coroutine>" and "Task exception was never
+  retrieved" dumps (kilobytes of tensorstore spec each) that Orbax's sibling reads
+  print when one read of a damaged checkpoint fails; the failure itself is raised,
+  shortened, by the caller."""
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  asyncio_log = logging.getLogger("asyncio")
+  drop = lambda record: False
+  asyncio_log.addFilter(drop)
+  try:
+    yield
+  finally:
+    gc.collect()  # the abandoned coroutines and tasks report while we are still quiet
+    sys.unraisablehook = previous
+    asyncio_log.removeFilter(drop)
+
+
+def array_sha256(x: Any) -> str | None:
+  """``"sha256:<hex>"`` of an array's bytes (C order), or ``None`` for an array
+  spread over several processes (it is not gathered just to be hashed)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+  return "sha256:" + hashlib.sha256(a.reshape(-1).view(np.uint8)).hexdigest()
 
 
 def _is_key(x: Any) -> bool:
@@ -54,8 +109,8 @@ class TrainCheckpointer:
 
   Each checkpoint is one step directory (written atomically, asynchronously)
   holding the array state and a JSON record: the step, the loader's
-  ``data_state``, the config and the shapes of every array. The last ``keep``
-  checkpoints are kept.
+  ``data_state``, the config and the shape, dtype and SHA-256 of every array
+  (verified on restore). The last ``keep`` checkpoints are kept.
 
   In several processes every process constructs the checkpointer and calls
   :meth:`save` with the same steps; Orbax writes from the primary host.
@@ -66,7 +121,9 @@ class TrainCheckpointer:
         state = {"adapters": adapters, "opt_state": opt_state, "rng": rng}
         start = 0
         if ckpt.latest_step() is not None:
-          restored = ckpt.restore(target=state)  # arrays keep `state`'s shardings
+          # The newest intact step (arrays keep `state`'s shardings); damaged ones are skipped.
+          restored, skipped = ckpt.restore_latest(target=state)
+          ckpt.set_aside([s for s, _ in skipped])
           start, data_state = restored.pop("step"), restored.pop("data_state")
           state = restored
         for step in range(start + 1, total + 1):
@@ -78,11 +135,13 @@ class TrainCheckpointer:
     config: the :class:`LoraConfig` (or any JSON-able dict, e.g. the trainer's
       full config) the run uses. If ``directory`` already holds checkpoints made
       under another config the constructor refuses (naming the fields).
+      ``None`` opens the directory for reading whatever it holds (no check;
+      :meth:`save` refuses).
     keep: how many of the most recent checkpoints to keep.
     save_every: :meth:`save` writes only at steps that are multiples of this
       (unless ``force=True``).
-    overwrite: delete the checkpoints already in ``directory`` instead of
-      refusing when their config differs (the trainer's ``--overwrite``).
+    overwrite: delete every checkpoint already in ``directory`` (the trainer's
+      ``--overwrite``): the run starts afresh, and saving step 1 again works.
     ignore_fields: dotted config fields allowed to differ on resume (e.g.
       ``("train.steps",)`` to extend a run).
     async_save: write in a background thread (the call returns once the arrays
@@ -90,13 +149,14 @@ class TrainCheckpointer:
 
   Raises:
     CheckpointMismatchError: ``directory`` holds checkpoints from another config
-      (or not made by dora_jax) and ``overwrite`` is false.
+      and ``overwrite`` is false (the newest readable record is compared;
+      damaged ones are left for :meth:`restore_latest` to report).
   """
 
   def __init__(
       self,
       directory: PathLike,
-      config: LoraConfig | Mapping[str, Any],
+      config: LoraConfig | Mapping[str, Any] | None,
       *,
       keep: int = 3,
       save_every: int = 1,
@@ -108,15 +168,18 @@ class TrainCheckpointer:
       raise ValueError(f"keep and save_every must be >= 1, got {keep} and {save_every}.")
     ocp = _ocp()
     self.directory = _epath(directory)
-    self.config = _config_dict(config)
+    self.config = None if config is None else _config_dict(config)
     self.keep = keep
     self.save_every = save_every
     self._ignore = tuple(ignore_fields)
+    self.deleted_steps: list[int] = []
+    """The steps ``overwrite=True`` deleted."""
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every,
         max_to_keep=keep,
         create=True,
         enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,  # what a kill during a save left behind
     )
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "record")
@@ -158,17 +221,29 @@ class TrainCheckpointer:
     return step % self.save_every == 0 or bool(self._manager.reached_preemption(step))
 
   def read_record(self, step: int | None = None) -> dict[str, Any]:
-    """The JSON record of a checkpoint: step, data_state, config, array shapes."""
+    """The JSON record of a checkpoint: step, data_state, config, array shapes and checksums.
+
+    Raises:
+      FileNotFoundError: no checkpoint (at that step).
+      CorruptCheckpointError: the record is missing or unreadable (damaged, or the
+        step was not written by TrainCheckpointer).
+    """
     step = self._resolve_step(step)
     ocp = _ocp()
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+      record = dict(out["record"])
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointMismatchError(
-          f"Step {step} in {self.directory} has no readable dora_jax record ({e});"
-          " it was not written by TrainCheckpointer."
+      raise CorruptCheckpointError(
+          f"Step {step} in {self.directory} has no readable record (damaged, or not"
+          f" written by TrainCheckpointer): {_short(e)}"
       ) from e
-    return dict(out["record"])
+    if record.get("format") != "dora_jax.train_state" or not isinstance(record.get("arrays"), dict):
+      raise CorruptCheckpointError(
+          f"Step {step} in {self.directory} has a record without the dora_jax training-state"
+          " fields (damaged, or not written by TrainCheckpointer)."
+      )
+    return record
 
   # -- save / restore
 
@@ -188,6 +263,11 @@ class TrainCheckpointer:
       :meth:`wait`).
     """
     ocp = _ocp()
+    if self.config is None:
+      raise ValueError(
+          f"This TrainCheckpointer of {self.directory} was opened with config=None, for reading:"
+          " pass the run's config to save."
+      )
     if step in self._manager.all_steps() or not (force or self.should_save(step)):
       return False
     latest = self._manager.latest_step()
@@ -206,7 +286,8 @@ class TrainCheckpointer:
         force=True,
     )
 
-  def restore(self, step: int | None = None, target: Any = None) -> dict[str, Any]:
+  def restore(self, step: int | None = None, target: Any = None, *,
+              verify: bool = True) -> dict[str, Any]:
     """Restores a checkpoint.
 
     Args:
@@ -220,26 +301,42 @@ class TrainCheckpointer:
         (NamedTuples such as optax states come back as lists; pass a target to
         get them back).
 
+      verify: check every array against the SHA-256 saved with it (arrays
+        spread over several processes, and arrays restored into another dtype,
+        are not checked).
+
     Returns:
       The state dict, with ``step`` (int) and ``data_state`` (dict) added.
 
     Raises:
       FileNotFoundError: no checkpoint (at that step).
       CheckpointMismatchError: ``target`` does not match the checkpoint's arrays.
+      CorruptCheckpointError: the step's files are damaged (unreadable, or an
+        array differs from its checksum); :meth:`restore_latest` falls back.
     """
     self.wait()
     step = self._resolve_step(step)
     record = self.read_record(step)
     manifest = record["arrays"]
-    if target is None:
-      abstract = self._abstract_from_metadata(step)
-    else:
-      target = {k: v for k, v in dict(target).items() if k not in ("step", "data_state")}
-      abstract = _abstract_target(target, manifest)
     ocp = _ocp()
-    out = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    )["state"]
+    try:
+      if target is None:
+        abstract = self._abstract_from_metadata(step)
+      else:
+        target = {k: v for k, v in dict(target).items() if k not in ("step", "data_state")}
+        abstract = _abstract_target(target, manifest)
+      with _quiet_unraisable():
+        out = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )["state"]
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(
+          f"Step {step} in {self.directory} cannot be read back: {_short(e)}"
+      ) from e
+    if verify:
+      _verify_checksums(out, manifest, f"Step {step} in {self.directory}")
     if target is not None:
       out = _wrap_keys(out, manifest)
     else:
@@ -248,6 +345,67 @@ class TrainCheckpointer:
     out["step"] = int(record["step"])
     out["data_state"] = record.get("data_state") or {}
     return out
+
+  def restore_latest(self, target: Any = None) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+    """Restores the newest intact checkpoint, skipping damaged ones.
+
+    Args:
+      target: as in :meth:`restore`.
+
+    Returns:
+      ``(state, skipped)``: the state as :meth:`restore` returns it, and
+      ``[(step, why)]`` for each newer step that was damaged (newest first).
+
+    Raises:
+      FileNotFoundError: ``directory`` holds no checkpoint.
+      CorruptCheckpointError: every checkpoint is damaged (each is named).
+      CheckpointMismatchError: ``target`` does not match the arrays.
+    """
+    self.wait()
+    skipped: list[tuple[int, str]] = []
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(step, target), skipped
+      except CorruptCheckpointError as e:
+        skipped.append((step, str(e)))
+    if not skipped:
+      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    raise CorruptCheckpointError(
+        f"Every checkpoint in {self.directory} is damaged:\n"
+        + "\n".join(f"  step {s}: {why}" for s, why in skipped)
+    )
+
+  def set_aside(self, steps: Sequence[int]) -> Any:
+    """Moves damaged steps out of the checkpoint directory (they are kept, not deleted).
+
+    Each goes to ``<directory>.damaged/<step>`` (with a time suffix if that exists),
+    so later saves at those steps and the keep-last-k rotation work again.
+
+    Returns:
+      The folder they were moved to, or ``None`` if ``steps`` is empty.
+    """
+    steps = sorted(set(int(s) for s in steps))
+    if not steps:
+      return None
+    self.wait()
+    dest = self.directory.parent / (self.directory.name + ".damaged")
+    if _is_primary():
+      dest.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        src = self.directory / str(step)
+        if not src.exists():
+          continue
+        target = dest / str(step)
+        if target.exists():
+          target = dest / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        src.rename(target)
+        _log.info("Moved damaged checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      multihost_utils.sync_global_devices("train.checkpoint.set_aside")
+    self._manager.reload()
+    return dest
 
   # -- internals
 
@@ -264,33 +422,37 @@ class TrainCheckpointer:
     return step
 
   def _check_existing(self, overwrite: bool) -> None:
-    steps = sorted(self._manager.all_steps())
+    steps = self.all_steps()
     if not steps:
       return
-    latest = steps[-1]
-    try:
-      saved = self.read_record(latest).get("config")
-      problem = None
-      diff = config_diff(saved or {}, self.config)
-      diff = {k: v for k, v in diff.items()
-              if not any(k == f or k.startswith(f + ".") for f in self._ignore)}
-      if diff:
-        problem = f"a different config:\n{_format_diff(diff)}"
-    except CheckpointMismatchError as e:
-      problem = str(e)
-    if problem is None:
+    if overwrite:
+      _log.info("Deleting checkpoints %s in %s (overwrite=True)", steps, self.directory)
+      for s in reversed(steps):  # newest first: a kill midway leaves a consistent older run
+        self._manager.delete(s)
+      self._manager.reload()
+      self.deleted_steps = steps
       return
-    if not overwrite:
+    if self.config is None:
+      return  # opened for reading
+    saved = None
+    for step in reversed(steps):  # the newest readable record speaks for the run
+      try:
+        saved = self.read_record(step).get("config") or {}
+        break
+      except CorruptCheckpointError:
+        continue
+    if saved is None:
+      return  # nothing readable: restore_latest names the damage
+    diff = config_diff(saved, self.config)
+    diff = {k: v for k, v in diff.items()
+            if not any(k == f or k.startswith(f + ".") for f in self._ignore)}
+    if diff:
       raise CheckpointMismatchError(
-          f"{self.directory} holds checkpoints (steps {steps}) from {problem}\n"
-          "Refusing to resume from them or to overwrite them. Use a new directory,"
-          " or pass overwrite=True (the trainer's --overwrite) to delete them and"
-          " start fresh."
+          f"{self.directory} holds checkpoints (steps {steps}) from a different config:\n"
+          f"{_format_diff(diff)}\nRefusing to resume from them or to overwrite them. To keep"
+          " them, use a new directory (or the saved settings, to continue that run);"
+          " overwrite=True (the trainer's --overwrite) deletes them."
       )
-    _log.warning("Deleting checkpoints %s in %s (overwrite=True): %s",
-                 steps, self.directory, problem)
-    for s in steps:
-      self._manager.delete(s)
 
   def _split_state(self, step: int, state: Mapping[str, Any]):
     arrays = {k: v for k, v in state.items() if k not in ("step", "data_state")}
@@ -310,6 +472,7 @@ class TrainCheckpointer:
       elif not isinstance(x, (jax.Array, np.ndarray)):
         x = np.asarray(x)
       entry["dtype"] = jnp.dtype(x.dtype).name
+      entry["sha256"] = array_sha256(x)
       manifest[jax.tree_util.keystr(path)] = entry
       return x
 
@@ -380,6 +543,27 @@ def _abstract_target(target: Any, manifest: Mapping[str, Mapping[str, Any]]) -> 
   return abstract
 
 
+def _verify_checksums(tree: Any, manifest: Mapping[str, Mapping[str, Any]], where: str) -> None:
+  """Raises :class:`CorruptCheckpointError` naming the first array whose bytes differ
+  from the SHA-256 in ``manifest`` (paths matched as in :func:`_wrap_keys_by_metadata`)."""
+  normalized = {_normalize_keystr(k): v for k, v in manifest.items()}
+
+  def one(path, x):
+    name = jax.tree_util.keystr(path)
+    entry = normalized.get(_normalize_keystr(name), {})
+    want = entry.get("sha256")
+    if not want or jnp.dtype(x.dtype).name != entry.get("dtype"):
+      return
+    got = array_sha256(x)
+    if got is not None and got != want:
+      raise CorruptCheckpointError(
+          f"{where}: the array at {name} differs from the checksum saved with it"
+          " (its bytes were damaged on disk)."
+      )
+
+  jax.tree_util.tree_map_with_path(one, tree)
+
+
 def _wrap_keys(tree: Any, manifest: Mapping[str, Mapping[str, Any]]) -> Any:
   """Turns saved PRNG key data back into typed keys (paths as in the saved state)."""
 
@@ -413,4 +597,4 @@ def _normalize_keystr(s: str) -> str:
   return "/".join(a or b or c for a, b, c in parts)
 
 
-__all__ = ["CheckpointMismatchError", "TrainCheckpointer"]
+__all__ = ["CheckpointMismatchError", "CorruptCheckpointError", "TrainCheckpointer", "array_sha256"]

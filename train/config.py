@@ -82,8 +82,10 @@ class TrainConfig:
   log_every: int = _field(1, "Write metrics.jsonl every N steps.")
   save_every: int = _field(0, "Checkpoint adapters + optimizer + data position every N steps (0 = only at the end).")
   keep_checkpoints: int = _field(2, "Keep the last k checkpoints.")
-  resume: bool = _field(False, "Continue from the latest checkpoint in output_dir.")
-  overwrite: bool = _field(False, "Start afresh even if output_dir holds checkpoints of another run.")
+  resume: bool = _field(False, "Continue from the newest intact checkpoint in output_dir (damaged ones are"
+                        " skipped and moved aside; with none, says so and starts at step 0).")
+  overwrite: bool = _field(False, "Start afresh: first delete the checkpoints, metrics and exports a previous"
+                           " run left in output_dir.")
   export: str = _field("none", "At the end, export: none, merged (HF-style safetensors dir), peft (adapter dir), both.")
   tensorboard: bool = _field(False, "Also write TensorBoard event files (needs tensorboardX).")
   progress: bool = _field(True, "Show a progress bar.")
@@ -108,6 +110,9 @@ class TrainConfig:
       raise ValueError(f"export must be none, merged, peft or both, got {self.export!r}.")
     if self.steps <= 0 or self.batch_size <= 0 or self.seq_len <= 1:
       raise ValueError("steps, batch_size must be positive and seq_len > 1.")
+    if self.resume and self.overwrite:
+      raise ValueError("--resume continues the run in output_dir and --overwrite deletes it: pass one"
+                       " of them.")
 
   def to_dict(self) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -171,6 +176,11 @@ def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
   path = args.pop("config", None)
   if path is not None:
     values.update(read_config_file(path))
+    # A flag overrides the file, also where they contradict: `--resume` on a config file
+    # that sets `overwrite = true` (so that rerunning it starts afresh) continues the run.
+    for flag, other in (("resume", "overwrite"), ("overwrite", "resume")):
+      if args.get(flag) and other not in args:
+        values.pop(other, None)
   values.update(args)
   return make_config(values)
 

@@ -7,10 +7,13 @@ Built on dora_jax's public API: ``LoraConfig``, ``init_adapters``, ``wrap``,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,9 +27,20 @@ from dora_jax.models.llama import Llama
 from train import data as data_lib
 from train import mesh as mesh_lib
 from train import steps as steps_lib
-from train.checkpoint import TrainCheckpointer
+from train.checkpoint import CorruptCheckpointError, TrainCheckpointer
 from train.config import TrainConfig
 from train.modeling import load_base_model
+from train.run_dir import (
+    METRICS_LINES,
+    METRICS_SUMMARY,
+    MetricsWriter,
+    RunLock,
+    read_records,
+    recover_dir,
+    remove_run_files,
+    replace_dir,
+    write_atomic,
+)
 
 logger = logging.getLogger("train")
 
@@ -54,14 +68,42 @@ def system_prompt(cfg: TrainConfig) -> str | None:
   return {"default": None, "none": ""}.get(cfg.system_prompt, cfg.system_prompt)
 
 
-def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-  """The settings a resumed run must share with the one it continues."""
+def run_fingerprint(cfg: TrainConfig, data_sha256: str | None = None) -> dict[str, Any]:
+  """The settings a resumed run must share with the one it continues, and the hash of its
+  tokenized data (:func:`data_fingerprint`: new data at the same ``--task`` path differs)."""
   keys = ("model", "dtype", "method", "targets", "rank", "alpha", "dropout", "rslora", "task",
           "seq_len", "packing", "train_size", "eval_size", "steps", "batch_size", "grad_accum",
           "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "seed",
           "chat_template", "system_prompt", "scan_layers")
   d = cfg.to_dict()
-  return {k: d[k] for k in keys}
+  out = {k: d[k] for k in keys}
+  if data_sha256 is not None:
+    out["data_sha256"] = data_sha256
+  return out
+
+
+def data_fingerprint(*parts: Any) -> str:
+  """``"sha256:<hex>"`` over the names, dtypes, shapes and bytes of every array in ``parts``
+  (dicts, tuples, arrays, None): the training and held-out rows exactly as the run uses them."""
+  h = hashlib.sha256()
+
+  def visit(x, name):
+    if x is None:
+      h.update(f"{name}:None;".encode())
+    elif isinstance(x, Mapping):
+      for k in sorted(x):
+        visit(x[k], f"{name}/{k}")
+    elif isinstance(x, (tuple, list)):
+      for i, v in enumerate(x):
+        visit(v, f"{name}/{i}")
+    else:
+      a = np.ascontiguousarray(x)
+      h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+      h.update(a.reshape(-1).view(np.uint8))
+
+  for i, part in enumerate(parts):
+    visit(part, str(i))
+  return "sha256:" + h.hexdigest()
 
 
 def with_loss_positions(arrays: dict[str, np.ndarray], k: int | None) -> dict[str, np.ndarray]:
@@ -69,45 +111,6 @@ def with_loss_positions(arrays: dict[str, np.ndarray], k: int | None) -> dict[st
   if k is None:
     return arrays
   return {**arrays, "logits_at": steps_lib.loss_positions(arrays["loss_mask"], k)}
-
-
-class MetricsWriter:
-  """``metrics.jsonl`` (one line per logged step) and optional TensorBoard."""
-
-  def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int):
-    """``resume_step``: keep the records up to this step (a resumed run), else start afresh."""
-    self.path = out_dir / "metrics.jsonl"
-    self.fh = None
-    if jax.process_index() == 0:
-      kept = []
-      if resume_step and self.path.exists():
-        kept = [l for l in self.path.read_text().splitlines()
-                if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-      self.fh = open(self.path, "w")
-      self.fh.writelines(l + "\n" for l in kept)
-    self.tb = None
-    if tensorboard and jax.process_index() == 0:
-      try:
-        from tensorboardX import SummaryWriter
-      except ImportError as e:
-        raise RuntimeError("--tensorboard needs tensorboardX: pip install tensorboardX") from e
-      self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-
-  def write(self, record: Mapping[str, Any]) -> None:
-    if self.fh is None:
-      return
-    self.fh.write(json.dumps(record) + "\n")
-    self.fh.flush()
-    if self.tb is not None:
-      for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)):
-          self.tb.add_scalar(k, v, record["step"])
-
-  def close(self) -> None:
-    if self.fh is not None:
-      self.fh.close()
-    if self.tb is not None:
-      self.tb.close()
 
 
 # ---------------------------------------------------------------------------
@@ -171,28 +174,89 @@ def _progress(total: int, initial: int, enabled: bool):
               dynamic_ncols=True, unit="step", file=sys.stderr)
 
 
+class StopRequested(KeyboardInterrupt):
+  """SIGINT or SIGTERM stopped the run (after saving its last finished step when it could)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+class _StopSignals:
+  """SIGINT (Ctrl-C) and SIGTERM (preemption on clusters and TPU VMs) alike: inside the training
+  loop (``deferring``) the first one lets the current step finish, then the loop saves and
+  stops; anywhere else, or on a second signal, the run stops at once (:class:`StopRequested`)."""
+
+  def __init__(self, say):
+    self.say = say
+    self.signum: int | None = None
+    self.deferring = False
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "_StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def requested(self) -> bool:
+    """Whether to stop after this step; with several processes, whether any process got a
+    signal (every process must save and stop at the same step, or the collectives hang)."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+      if self.signum is None and signums.any():
+        self.signum = int(signums[signums > 0][0])
+    return self.signum is not None
+
+  def _handle(self, signum, frame) -> None:
+    if self.deferring and self.signum is None:
+      self.signum = signum
+      self.say(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving"
+               " (send it again to stop at once, without saving)")
+      return
+    raise StopRequested(signum)
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
-  """Runs a fine-tune; returns (and writes to ``output_dir/metrics.json``) the summary."""
+  """Runs a fine-tune; returns (and writes to ``output_dir/metrics.json``) the summary.
+
+  The output directory is locked for the run (:class:`train.run_dir.RunLock`); SIGINT and
+  SIGTERM save the last finished step and raise :class:`StopRequested`.
+  """
   t_start = time.time()
   # --- devices
   mesh_lib.initialize_distributed(cfg.coordinator_address or None, cfg.num_processes or None,
                                  cfg.process_id if cfg.process_id >= 0 else None)
-  mesh = mesh_lib.make_mesh(cfg.mesh or None)
-  multiple = mesh_lib.batch_size_multiple(mesh)
-  if cfg.batch_size % (multiple * cfg.grad_accum):
-    raise ValueError(
-        f"batch_size={cfg.batch_size} must be a multiple of grad_accum x (data x fsdp) ="
-        f" {cfg.grad_accum} x {multiple} on mesh {dict(mesh.shape)}.")
-  with mesh_lib.use_mesh(mesh):
-    return _run(cfg, mesh, t_start)
+  out = Path(cfg.output_dir).absolute()  # resolved once: Orbax needs absolute paths
+  say = (lambda *a: print(*a, flush=True)) if jax.process_index() == 0 else (lambda *a: None)
+  lock = RunLock(out) if jax.process_index() == 0 else None
+  took_over = lock.acquire() if lock else None  # RunLockedError: another trainer writes here
+  try:
+    if took_over:
+      say(took_over)
+    mesh = mesh_lib.make_mesh(cfg.mesh or None)
+    multiple = mesh_lib.batch_size_multiple(mesh)
+    if cfg.batch_size % (multiple * cfg.grad_accum):
+      raise ValueError(
+          f"batch_size={cfg.batch_size} must be a multiple of grad_accum x (data x fsdp) ="
+          f" {cfg.grad_accum} x {multiple} on mesh {dict(mesh.shape)}.")
+    with mesh_lib.use_mesh(mesh), _StopSignals(say) as stop:
+      return _run(cfg, mesh, t_start, out, say, stop)
+  finally:
+    if lock:
+      lock.release()
 
 
-def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
+def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSignals) -> dict[str, Any]:
   sh = dora_jax.sharding
   multiple = mesh_lib.batch_size_multiple(mesh)
-  out = Path(cfg.output_dir).absolute()  # resolved once: Orbax needs absolute paths
-  out.mkdir(parents=True, exist_ok=True)
-  say = (lambda *a: print(*a, flush=True)) if jax.process_index() == 0 else (lambda *a: None)
+  primary = jax.process_index() == 0
 
   # --- model (loaded into its shardings), data
   def shardings_for(config):
@@ -268,26 +332,46 @@ def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
                                     process_index=slot, process_count=slots)
 
   # --- checkpoints / resume
-  ckpt = TrainCheckpointer(out / "checkpoints", run_fingerprint(cfg), keep=cfg.keep_checkpoints,
-                           save_every=cfg.save_every or cfg.steps, overwrite=cfg.overwrite)
-  start_step = 0
-  previous: dict[str, Any] = {}
-  if cfg.resume and ckpt.latest_step() is not None:
-    restored = ckpt.restore(target={"trainable": trainable, "opt_state": opt_state, "rng": rng})
-    start_step = restored.pop("step")
-    iterator.restore(restored.pop("data_state"))
-    trainable, opt_state, rng = restored["trainable"], restored["opt_state"], restored["rng"]
-    if (out / "metrics.json").exists():
-      previous = json.loads((out / "metrics.json").read_text())
-    say(f"resumed from step {start_step} in {out / 'checkpoints'}")
-  elif ckpt.latest_step() is not None and not cfg.overwrite:
+  data_sha256 = data_fingerprint(train_arrays, eval_set)
+  ckpt = TrainCheckpointer(out / "checkpoints", run_fingerprint(cfg, data_sha256),
+                           keep=cfg.keep_checkpoints, save_every=cfg.save_every or cfg.steps,
+                           overwrite=cfg.overwrite)
+  if cfg.overwrite:
+    removed = remove_run_files(out) if primary else []
+    if ckpt.deleted_steps or removed:
+      say(f"--overwrite: deleted the previous run's checkpoints {ckpt.deleted_steps}"
+          + (f" and {', '.join(removed)}" if removed else "") + f" in {out}")
+  start_step, run_state = 0, {}
+  if ckpt.all_steps() and not cfg.resume:
     raise SystemExit(
-        f"{out / 'checkpoints'} already holds checkpoints (step {ckpt.latest_step()}): pass --resume"
-        " to continue that run, --overwrite to start afresh there, or another --output-dir.")
+        f"{out / 'checkpoints'} already holds checkpoints of a run with these settings (steps"
+        f" {ckpt.all_steps()}): pass --resume to continue it, or use another --output-dir"
+        " (--overwrite would delete them and start afresh).")
+  if ckpt.all_steps():
+    try:
+      restored, skipped = ckpt.restore_latest(
+          target={"trainable": trainable, "opt_state": opt_state, "rng": rng})
+    except CorruptCheckpointError as e:
+      raise SystemExit(
+          f"{e}\nNothing was deleted. To start this run afresh, use another --output-dir (or move"
+          f" {out / 'checkpoints'} aside).") from e
+    for s, why in skipped:
+      say(f"checkpoint step {s} is damaged, skipped: {why}")
+    if skipped:
+      dest = ckpt.set_aside([s for s, _ in skipped])
+      say(f"moved the damaged step(s) {[s for s, _ in skipped]} to {dest} (kept, not deleted)")
+    start_step = restored.pop("step")
+    run_state = restored.pop("data_state")
+    iterator.restore(run_state["loader"])
+    trainable, opt_state, rng = restored["trainable"], restored["opt_state"], restored["rng"]
+    say(f"resumed from step {start_step} in {out / 'checkpoints'}"
+        + (" (the newest intact checkpoint)" if skipped else ""))
+  elif cfg.resume:
+    say(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting from step 0")
 
-  # --- evaluate before
-  if "before" in previous:
-    before = previous["before"]
+  # --- evaluate before (once per run: a resumed process takes it from the checkpoint)
+  if "before" in run_state:
+    before = run_state["before"]
   else:
     t0 = time.time()
     before = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg, multiple, place)
@@ -295,13 +379,20 @@ def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
   say("before training: " + _fmt(before) + (f" (majority class {majority:.1%})" if majority else ""))
 
   # --- train
-  writer = MetricsWriter(out, cfg.tensorboard, resume_step=start_step)
+  writer = MetricsWriter(out, cfg.tensorboard, resume_step=start_step, primary=primary)
   bar = _progress(cfg.steps, start_step, cfg.progress)
   history: list[dict[str, Any]] = []
-  intervals: list[dict[str, Any]] = list(previous.get("evals", []))
-  tokens_seen, t_loop, step = 0, time.time(), start_step
+  intervals: list[dict[str, Any]] = [e for e in run_state.get("evals", []) if e["step"] <= start_step]
+  tokens_seen, t_loop, step, done = 0, time.time(), start_step, start_step
   stop_at = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
+
+  def save(at: int, force: bool) -> bool:
+    writer.sync()  # the metrics lines up to this step are on disk before the checkpoint is
+    return ckpt.save(at, {"trainable": trainable, "opt_state": opt_state, "rng": rng, "data_state": {
+        "loader": iterator.state(), "before": before, "evals": intervals}}, force=force)
+
   try:
+    stop.deferring = True
     for step in range(start_step + 1, stop_at + 1):
       local_batch = next(iterator)
       batch = mesh_lib.shard_batch(local_batch, mesh)
@@ -311,16 +402,20 @@ def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
       loss = float(m["loss"])
       dt = time.time() - t0
       if not math.isfinite(loss):
+        kept = (f"The checkpoints up to step {ckpt.latest_step()} are kept in {out / 'checkpoints'}."
+                if ckpt.latest_step() is not None else "No checkpoint was saved.")
         raise FloatingPointError(
-            f"loss became {loss} at step {step}; the last checkpoint is kept. Lower --learning-rate"
-            " or enable --grad-clip.")
+            f"loss became {loss} at step {step}. {kept} --resume continues only with the same"
+            " settings: to retry with a lower --learning-rate or --grad-clip, start a new run in"
+            " another --output-dir.")
+      done = step
       tokens = int(local_batch["attention_mask"].sum()) * slots
       tokens_seen += tokens
       rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
              "lr": float(schedule(step - 1)), "tokens": tokens, "loss_tokens": int(m["tokens"]),
              "step_seconds": round(dt, 4), "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
       history.append(rec)
-      if step % cfg.log_every == 0:
+      if step % cfg.log_every == 0 or step == 1:
         writer.write(rec)
       bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / max(time.time() - t_loop, 1e-9):,.0f}")
       bar.update(1)
@@ -329,28 +424,33 @@ def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
         intervals.append({"step": step, **ev})
         writer.write({"step": step, **{f"eval_{k}" if not k.startswith("eval") else k: v for k, v in ev.items()}})
         bar.write(f"step {step}: " + _fmt(ev))
-      ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng,
-                       "data_state": iterator.state()}, force=step in (cfg.steps, stop_at))
-  except KeyboardInterrupt:
-    done = step - 1 if any(x.is_deleted() for x in jax.tree.leaves(trainable)) else step
-    if done > start_step and done == step:
-      ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng,
-                       "data_state": iterator.state()}, force=True)
-      say(f"\ninterrupted: saved step {step} to {out / 'checkpoints'}; continue with --resume")
-    else:
-      say(f"\ninterrupted during step {step}; the latest checkpoint is step {ckpt.latest_step()}")
+      saved = save(step, force=step in (cfg.steps, stop_at))
+      if stop.requested():
+        if not saved:
+          save(step, force=True)
+        say(f"\n{signal.Signals(stop.signum).name}: saved step {step} to {out / 'checkpoints'};"
+            " continue with --resume")
+        raise StopRequested(stop.signum)
+  except KeyboardInterrupt as e:
+    if stop.signum is None or getattr(e, "signum", None) != stop.signum or done != step:
+      ckpt.wait()
+      say(f"\nstopped during step {step}; the latest checkpoint is step {ckpt.latest_step()}"
+          " (continue with --resume)")
     raise
   finally:
+    stop.deferring = False
     bar.close()
     writer.close()
     ckpt.close()
   train_seconds = time.time() - t_loop
 
+  records = read_records(out / METRICS_LINES) if primary else history
+  losses = [r["loss"] for r in records if "loss" in r]  # the whole run's, whichever process ran them
   if step < cfg.steps:
     partial = {"stopped_at": step, "before": before, "evals": intervals,
-               "first_loss": previous.get("first_loss", history[0]["loss"] if history else None)}
-    if jax.process_index() == 0:
-      (out / "metrics.json").write_text(json.dumps(partial, indent=2, default=str))
+               "first_loss": losses[0] if losses else None}
+    if primary:
+      write_atomic(out / METRICS_SUMMARY, json.dumps(partial, indent=2, default=str))
     say(f"stopped after step {step} (--stop-after); continue with --resume")
     return partial
 
@@ -361,20 +461,20 @@ def _run(cfg: TrainConfig, mesh, t_start: float) -> dict[str, Any]:
   say("after training:  " + _fmt(after))
   exported = export(cfg, out, base, params, trainable, lcfg)
 
-  losses = [r["loss"] for r in history]
+  step_seconds = [r["step_seconds"] for r in records if "step_seconds" in r]
   summary = {
       "config": cfg.to_dict(), "model": {"params": n_base, **base.config.to_hf_dict()},
       "trainable_params": n_train, "before": before, "after": after, "evals": intervals,
       "majority_class_rate": majority,
-      "first_loss": previous.get("first_loss", losses[0] if losses else None),
+      "first_loss": losses[0] if losses else None,
       "final_loss": float(np.mean(losses[-10:])) if losses else None,
       "train_seconds_this_process": round(train_seconds, 1),
-      "median_step_seconds": float(np.median([r["step_seconds"] for r in history[1:]] or [0.0])),
+      "median_step_seconds": float(np.median(step_seconds[1:] or [0.0])),
       "wall_seconds": round(time.time() - t_start, 1), "resumed_from": start_step or None,
       "exported": exported, "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
   }
-  if jax.process_index() == 0:
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+  if primary:
+    write_atomic(out / METRICS_SUMMARY, json.dumps(summary, indent=2, default=str))
     plot_run(out, task.kind)
   return summary
 
@@ -384,15 +484,20 @@ def export(cfg, out: Path, base, params, trainable, lcfg) -> dict[str, str]:
   from dora_jax.models import hf
 
   done = {}
+  primary = jax.process_index() == 0
   if cfg.export in ("merged", "both"):
     merged = trainable if lcfg is None else dora_jax.merge(params, trainable, lcfg)
     path = out / "merged"
-    hf.save_pretrained(path, base.config, jax.device_get(merged), tokenizer=base.tokenizer)
+    if primary:
+      recover_dir(path)  # what an export killed midway left
+      hf.save_pretrained(path, base.config, jax.device_get(merged), tokenizer=base.tokenizer)
     done["merged"] = str(path)
   if cfg.export in ("peft", "both") and lcfg is not None:
     path = out / "peft_adapter"
-    dora_jax.export_peft(path, jax.device_get(trainable), lcfg, params=params,
-                         base_model_name_or_path=cfg.model)
+    host = jax.device_get(trainable)
+    if primary:
+      replace_dir(path, lambda tmp: dora_jax.export_peft(
+          tmp, host, lcfg, params=params, base_model_name_or_path=cfg.model))
     done["peft"] = str(path)
   return done
 
@@ -405,10 +510,10 @@ def plot_run(out: Path, kind: str) -> None:
     import matplotlib.pyplot as plt
   except ImportError:
     return
-  recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+  recs = read_records(out / METRICS_LINES)
   steps_ = [r["step"] for r in recs if "loss" in r]
   losses = [r["loss"] for r in recs if "loss" in r]
-  summary = json.loads((out / "metrics.json").read_text())
+  summary = json.loads((out / METRICS_SUMMARY).read_text())
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   axes[0].plot(steps_, losses, lw=1, alpha=0.5, label="loss")
   if len(losses) >= 10:

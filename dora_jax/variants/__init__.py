@@ -85,8 +85,8 @@ def check_matches_config(adapter: Mapping, config: Any, where: str) -> None:
   has_m = MAGNITUDE in adapter
   if has_m != bool(config.use_dora):
     raise ValueError(
-        f"The adapter at '{where}' {'has' if has_m else 'has no'} DoRA magnitude but the config"
-        f" says use_dora={config.use_dora}: pass the config the adapters were made with.")
+        f"The adapter at '{where}' {'has' if has_m else 'lacks'} a DoRA magnitude but the config"
+        f" says use_dora={config.use_dora}: use the config the adapters were made (or saved) with.")
 
 
 def factors(config: Any, adapter: Mapping, shared: Mapping | None, i_dim: int, o_dim: int):
