@@ -202,9 +202,12 @@ def test_cli_generates_the_same_from_every_source(run_dir, capsys):
                   base_norms=dora_jax.linen.base_norms(base.params, adapters))
   want = [base.tokenizer.decode(np.asarray(want.tokens[i, :int(want.lengths[i])]), skip_special_tokens=True)
           for i in range(2)]
-  # auto = the latest checkpoint; the exports hold the same adapters (merged: W' itself).
-  for source, origin in (("auto", "checkpoints step 3 (dora)"), ("peft", "peft_adapter"), ("merged", "merged export")):
-    assert cli.main(["--run", str(run), "--source", source, "--max_new_tokens", "5", "--json", *prompts]) == 0
+  # auto = the latest checkpoint, adapters unmerged through wrap; the exports hold the same
+  # adapters (merged in memory by the CLI, or W' itself).
+  runs = (("auto", "--no-merge", "checkpoints step 3 (dora)"), ("peft", "--merge", "peft_adapter"),
+          ("merged", "--merge", "merged export"))
+  for source, merge, origin in runs:
+    assert cli.main(["--run", str(run), "--source", source, merge, "--max_new_tokens", "5", "--json", *prompts]) == 0
     out = capsys.readouterr()
     assert [json.loads(l)["completion"] for l in out.out.splitlines()] == want, source
     assert origin in out.err

@@ -52,7 +52,7 @@ class LlamaConfig:
   attention_bias: bool = False
   model_type: str = "llama"
   bos_token_id: int | None = 1
-  eos_token_id: int | list[int] | None = 2
+  eos_token_id: int | tuple[int, ...] | None = 2  # a list becomes a tuple (hashable)
   hidden_act: str | None = None
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
