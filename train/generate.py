@@ -249,9 +249,16 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 # The command
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults, except None (those options explain their default)."""
+
+  def _get_help_string(self, action):
+    return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="python -m train.generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      prog="python -m train.generate", formatter_class=_Help,
       description="Generate text with a fine-tuned run (--run) or a base model (--model).")
   p.add_argument("prompts", nargs="*", help="Prompts; '-' reads one prompt per line from stdin.")
   who = p.add_mutually_exclusive_group(required=True)
