@@ -391,3 +391,52 @@ def opt_state_shardings(tx: Any, trainable_shardings: Any, trainable_abstract: A
 
   return optax.tree_map_params(tx, like_param, state, trainable_shardings, trainable_abstract,
                                transform_non_params=lambda _: rep, is_leaf=masked)
+
+
+# ---------------------------------------------------------------------------
+# Optimizer state in host memory (the JAX counterpart of QLoRA's paged optimizers)
+
+HOST_MEMORY_KIND = "pinned_host"
+
+
+def supports_host_offload(device: Any = None) -> bool:
+  """Whether ``device`` (default: the first) has a pinned host memory space.
+
+  GPU and TPU backends and recent CPU backends do; where it is missing, keep the
+  optimizer state in device memory (there is nothing to page to).
+  """
+  device = device or jax.devices()[0]
+  try:
+    kinds = {m.kind for m in device.addressable_memories()}
+  except (AttributeError, NotImplementedError):
+    return False
+  return HOST_MEMORY_KIND in kinds
+
+
+def host_offloaded(shardings: Any) -> Any:
+  """The same shardings with their arrays in pinned host memory (``memory_kind``).
+
+  Use for ``tx.init``'s output and as the optimizer state's in/out shardings of a jitted
+  step whose body calls :func:`to_device` on it first: between steps the state (Adam's two
+  moments: 2× the trainable parameters) then lives in host memory, and each step streams
+  it through the device — what QLoRA's paged optimizers buy, without paging.
+
+  Raises:
+    ValueError: if the backend has no pinned host memory (:func:`supports_host_offload`).
+  """
+  if not supports_host_offload():
+    raise ValueError(f"The {jax.default_backend()} backend has no '{HOST_MEMORY_KIND}' memory: the"
+                     " optimizer state cannot be offloaded here; keep it in device memory.")
+  is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+  return jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY_KIND) if is_sharding(s) else s,
+                      shardings, is_leaf=is_sharding)
+
+
+def to_device(tree: Any, shardings: Any) -> Any:
+  """Inside ``jit``: moves a host-offloaded tree (:func:`host_offloaded`) to device memory.
+
+  ``shardings`` are the device shardings of ``tree`` (before :func:`host_offloaded`).
+  """
+  is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+  return jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind("device")), tree,
+                      shardings, is_leaf=lambda x: is_sharding(x) or isinstance(x, optax.MaskedNode))
