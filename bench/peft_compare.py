@@ -7,8 +7,11 @@ backward, ``torch.optim.AdamW`` on the adapters), eager and under
 ``torch.compile``. Our side is :mod:`bench.step_time` (``dora_jax.wrap`` +
 optax AdamW). Every configuration runs in its own subprocess, so neither
 framework holds the GPU (or inflates the peak memory) of the other. Prints one
-JSON line per configuration, then one ``summary`` line per method with the
-ratios (ours / PEFT tokens/s; DoRA/LoRA step time on each side)::
+JSON line per configuration and round, then one ``summary`` line with the ratios (ours /
+PEFT tokens/s as ``dora/peft-eager``, ``dora/peft-compile``, ``lora/peft-eager``,
+``lora/peft-compile`` for our default DoRA path; DoRA/LoRA step time on each side), each the
+median / min / max over ``--rounds`` interleaved rounds. On a shared CPU pin both sides'
+threads (``--cpu-threads 1`` or 2) and read the spread before the median::
 
   python -m bench.peft_compare --preset tiny --batch 2 --seq 128 --steps 10
   python -m bench.peft_compare --preset tinyllama-1.1b --batch 4 --seq 2048 --dtype bfloat16  # GPU
@@ -30,6 +33,7 @@ import time
 from typing import Any, Sequence
 
 from bench import common, step_time
+from dora_jax.variants.dora import DEFAULT_PATH
 
 TORCH_MODES = ("eager", "compile")
 REQUIRED = ("torch", "transformers", "peft")
@@ -206,32 +210,61 @@ def run_torch_isolated(spec: TorchSpec, timeout_s: float | None) -> dict[str, An
   return json.loads(lines[-1])
 
 
+def _stat(values: Sequence[float | None]) -> dict[str, float] | None:
+  vals = sorted(v for v in values if v is not None)
+  if not vals:
+    return None
+  mid = vals[len(vals) // 2] if len(vals) % 2 else 0.5 * (vals[len(vals) // 2 - 1] + vals[len(vals) // 2])
+  return {"median": round(mid, 4), "min": round(vals[0], 4), "max": round(vals[-1], 4), "n": len(vals)}
+
+
+def _our_name(rec: dict[str, Any]) -> str:
+  """``lora``, ``dora`` (the default path) or ``dora[<path>]`` (another named path)."""
+  if rec["method"] != "dora" or rec.get("dora_path") in (None, DEFAULT_PATH):
+    return rec["method"]
+  return f"dora[{rec['dora_path']}]"
+
+
 def summaries(ours: Sequence[dict[str, Any]], peft_runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per method: ours/PEFT tokens/s for every (DoRA path, torch mode) pair, and DoRA/LoRA per side."""
+  """One summary line: ours/PEFT tokens/s per (our configuration, torch mode), DoRA/LoRA per side.
+
+  Ratios are taken within each round (configurations of one round ran back to back), then
+  summarized over rounds as median / min / max, so a load spike in one round shows as spread
+  instead of moving the result. Keys: ``dora/peft-eager``, ``dora/peft-compile``,
+  ``lora/peft-eager``, ``lora/peft-compile`` (our default DoRA path), ``dora[<path>]/...``
+  for other paths; > 1 means we are faster.
+  """
   ok = lambda rs: [r for r in rs if "error" not in r]
   ours, peft_runs = ok(ours), ok(peft_runs)
-  lora_ours = next((r for r in ours if r["method"] == "lora"), None)
-  out = []
-  for method in ("lora", "dora"):
-    mine = [r for r in ours if r["method"] == method]
-    theirs = [r for r in peft_runs if r["method"] == method]
-    if not mine and not theirs:
-      continue
-    pairs = {f"{m['label']}/peft-{t['mode']}": common.ratio(m["tokens_per_s"], t["tokens_per_s"])
-             for m in mine for t in theirs}
-    rec = {"bench": "peft_compare", "summary": method, "ours_over_peft_tokens_per_s": pairs}
-    if method == "dora":
-      rec["dora_lora_ratio_ours"] = {m["label"]: common.ratio(m["median_ms"], (lora_ours or {}).get("median_ms"))
-                                     for m in mine}
-      rec["dora_lora_ratio_peft"] = {
-          t["mode"]: common.ratio(t["median_ms"], next((p["median_ms"] for p in peft_runs
-                                                         if p["method"] == "lora" and p["mode"] == t["mode"]), None))
-          for t in theirs}
-    ref = (mine or theirs)[0]
-    rec.update({k: ref.get(k) for k in ("preset", "batch", "seq", "rank", "dtype", "device_kind")})
-    rec["date"] = common.utc_now()
-    out.append(rec)
-  return out
+  if not ours and not peft_runs:
+    return []
+  rounds = sorted({r.get("round", 0) for r in [*ours, *peft_runs]})
+  by_round = lambda rs, rnd: [r for r in rs if r.get("round", 0) == rnd]
+  vs_peft: dict[str, list] = {}
+  dora_lora_ours: dict[str, list] = {}
+  dora_lora_peft: dict[str, list] = {}
+  for rnd in rounds:
+    mine, theirs = by_round(ours, rnd), by_round(peft_runs, rnd)
+    lora_ms = next((m["median_ms"] for m in mine if m["method"] == "lora"), None)
+    for m in mine:
+      for t in theirs:
+        if t["method"] == m["method"]:
+          key = f"{_our_name(m)}/peft-{t['mode']}"
+          vs_peft.setdefault(key, []).append(common.ratio(m["tokens_per_s"], t["tokens_per_s"]))
+      if m["method"] == "dora":
+        dora_lora_ours.setdefault(_our_name(m), []).append(common.ratio(m["median_ms"], lora_ms))
+    for t in theirs:
+      if t["method"] == "dora":
+        lora_t = next((p["median_ms"] for p in theirs if p["method"] == "lora" and p["mode"] == t["mode"]), None)
+        dora_lora_peft.setdefault(t["mode"], []).append(common.ratio(t["median_ms"], lora_t))
+  rec = {"bench": "peft_compare", "summary": "ratios", "rounds": len(rounds),
+         "ours_over_peft_tokens_per_s": {k: _stat(v) for k, v in vs_peft.items()},
+         "dora_lora_step_ratio_ours": {k: _stat(v) for k, v in dora_lora_ours.items()},
+         "dora_lora_step_ratio_peft": {k: _stat(v) for k, v in dora_lora_peft.items()}}
+  ref = (ours or peft_runs)[0]
+  rec.update({k: ref.get(k) for k in ("preset", "batch", "seq", "rank", "dtype", "device_kind")})
+  rec["date"] = common.utc_now()
+  return [rec]
 
 
 def xla_thread_env(cpu_threads: int) -> dict[str, str]:
@@ -255,7 +288,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--preset", default="tiny", choices=sorted(common.PRESETS))
   p.add_argument("--methods", default="lora,dora")
   p.add_argument("--torch-modes", default="eager,compile", help="eager, compile (torch.compile)")
-  p.add_argument("--dora-paths", default="factored,custom_vjp", help="our DoRA execution paths to run")
+  p.add_argument("--dora-paths", default=DEFAULT_PATH,
+                 help=f"our DoRA execution paths to run (default: the default path, {DEFAULT_PATH})")
+  p.add_argument("--rounds", type=int, default=3,
+                 help="repeat every configuration this many times, interleaved round by round;"
+                      " the summary gives median / min / max of the per-round ratios")
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--rank", type=int, default=16)
@@ -292,22 +329,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         targets=targets, dtype=args.dtype, steps=args.steps, warmup=args.warmup,
                         scan=args.scan, remat=args.remat, attention_impl=args.attention_impl)
   specs = step_time.expand_specs(base, methods, common.parse_list(args.dora_paths))
-  ours = []
+  ours, theirs = [], []
   env = xla_thread_env(args.cpu_threads)
-  for spec in specs:
-    rec = step_time.run_isolated(spec, args.timeout, env)
-    rec["cpu_threads"] = args.cpu_threads or None
-    rec.update({"bench": "peft_compare", "side": "dora_jax"})
-    emit(rec, args.out)
-    ours.append(rec)
-  theirs = []
-  for mode in common.parse_list(args.torch_modes):
-    for method in methods:
-      tspec = TorchSpec(args.preset, method, mode, args.batch, args.seq, args.rank, targets, args.dtype,
-                        args.steps, args.warmup, cpu_threads=args.cpu_threads)
-      rec = run_torch_isolated(tspec, args.timeout)
+  for rnd in range(max(1, args.rounds)):
+    for spec in specs:
+      rec = step_time.run_isolated(spec, args.timeout, env)
+      rec["cpu_threads"] = args.cpu_threads or None
+      rec.update({"bench": "peft_compare", "side": "dora_jax", "round": rnd})
       emit(rec, args.out)
-      theirs.append(rec)
+      ours.append(rec)
+    for mode in common.parse_list(args.torch_modes):
+      for method in methods:
+        tspec = TorchSpec(args.preset, method, mode, args.batch, args.seq, args.rank, targets, args.dtype,
+                          args.steps, args.warmup, cpu_threads=args.cpu_threads)
+        rec = {**run_torch_isolated(tspec, args.timeout), "round": rnd}
+        emit(rec, args.out)
+        theirs.append(rec)
   summary = summaries(ours, theirs)
   for rec in summary:
     emit(rec, args.out)

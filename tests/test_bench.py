@@ -93,13 +93,26 @@ def test_peft_compare_skips_cleanly_without_torch(monkeypatch, capsys):
 def test_peft_compare_summary_ratios():
   from bench import peft_compare
 
-  ours = [{"method": "lora", "label": "lora", "tokens_per_s": 200.0, "median_ms": 10.0},
-          {"method": "dora", "label": "dora[custom_vjp]", "tokens_per_s": 150.0, "median_ms": 12.0}]
-  theirs = [{"method": "lora", "mode": "eager", "tokens_per_s": 100.0, "median_ms": 20.0},
-            {"method": "dora", "mode": "eager", "tokens_per_s": 50.0, "median_ms": 30.0},
-            {"method": "dora", "mode": "compile", "error": "no compiler"}]
-  lora, dora = peft_compare.summaries(ours, theirs)
-  assert lora["ours_over_peft_tokens_per_s"] == {"lora/peft-eager": 2.0}
-  assert dora["ours_over_peft_tokens_per_s"] == {"dora[custom_vjp]/peft-eager": 3.0}
-  assert dora["dora_lora_ratio_ours"] == {"dora[custom_vjp]": 1.2}
-  assert dora["dora_lora_ratio_peft"] == {"eager": 1.5}
+  def round_(rnd, ours_dora_tps):
+    ours = [{"method": "lora", "dora_path": None, "tokens_per_s": 200.0, "median_ms": 10.0, "round": rnd},
+            {"method": "dora", "dora_path": "custom_vjp", "tokens_per_s": ours_dora_tps,
+             "median_ms": 12.0, "round": rnd},
+            {"method": "dora", "dora_path": "factored", "tokens_per_s": 100.0, "median_ms": 20.0,
+             "round": rnd}]
+    theirs = [{"method": "lora", "mode": "eager", "tokens_per_s": 100.0, "median_ms": 20.0, "round": rnd},
+              {"method": "dora", "mode": "eager", "tokens_per_s": 50.0, "median_ms": 30.0, "round": rnd},
+              {"method": "dora", "mode": "compile", "error": "no compiler", "round": rnd}]
+    return ours, theirs
+
+  o1, t1 = round_(0, 150.0)
+  o2, t2 = round_(1, 100.0)
+  o3, t3 = round_(2, 200.0)
+  (rec,) = peft_compare.summaries(o1 + o2 + o3, t1 + t2 + t3)
+  vs = rec["ours_over_peft_tokens_per_s"]
+  assert rec["rounds"] == 3
+  assert vs["lora/peft-eager"] == {"median": 2.0, "min": 2.0, "max": 2.0, "n": 3}
+  assert vs["dora/peft-eager"] == {"median": 3.0, "min": 2.0, "max": 4.0, "n": 3}  # the default path
+  assert vs["dora[factored]/peft-eager"]["median"] == 2.0
+  assert "dora/peft-compile" not in vs  # the failed configuration is left out, not counted as 0
+  assert rec["dora_lora_step_ratio_ours"]["dora"]["median"] == 1.2
+  assert rec["dora_lora_step_ratio_peft"]["eager"]["median"] == 1.5
