@@ -117,8 +117,9 @@ def output(
     raise ValueError(f"DoRA output path must be 'factored' or 'custom_vjp', got {path!r}.")
   dt = y0.dtype
   if magnitude is None:
-    low = scale * proj.low_rank(x_in, a, b, dt)
-    return (y0.astype(_F32) + low).astype(dt)
+    # The scale goes on B [r, O], not on the [tokens, O] output: no extra pass over it.
+    b_s = b if scale == 1.0 else b * jnp.asarray(scale, b.dtype)
+    return (y0.astype(_F32) + proj.low_rank(x_in, a, b_s, dt)).astype(dt)
   norm = direction_norm(w_mat, a, b, scale, w0_norm_sq)
   bias_b = None if bias is None else proj.output_bias(bias)
   if path == "custom_vjp" and not dropped and proj.keeps_free_axes and dt != jnp.float16:
