@@ -10,7 +10,6 @@ import re
 from typing import Any, Sequence
 
 import jax.numpy as jnp
-import numpy as np
 
 from dora_jax import variants as _variants
 from dora_jax.variants import lora as _lora
@@ -58,9 +57,7 @@ class LoraConfig:
     Raises:
       ValueError: naming the field, the bad value and what is expected.
     """
-    if not isinstance(self.r, numbers.Integral) or isinstance(self.r, bool) or self.r <= 0:
-      raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
-    object.__setattr__(self, "r", int(self.r))
+    _check_rank(self)
     alpha = self.lora_alpha
     if (not isinstance(alpha, numbers.Real) or isinstance(alpha, bool)
         or not math.isfinite(float(alpha))):
@@ -69,36 +66,13 @@ class LoraConfig:
           f" {alpha!r}.")
     if not isinstance(alpha, (int, float)):  # numpy scalars: JSON and hashing need Python numbers
       object.__setattr__(self, "lora_alpha", float(alpha))
-    if not 0.0 <= self.lora_dropout < 1.0:
-      raise ValueError(
-          f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}."
-      )
+    _check_dropout(self, "lora_dropout")
     if self.init_lora_weights not in (True, False, "gaussian"):
       raise ValueError(
           "LoraConfig.init_lora_weights must be True (Kaiming-uniform A, zero B),"
           f" 'gaussian' or False, got {self.init_lora_weights!r}."
       )
-    if self.target_modules is None:
-      raise ValueError(
-          "LoraConfig.target_modules is required: a list of module-name suffixes"
-          " such as ['q_proj', 'v_proj'], a regex matched against the '/'-joined"
-          " module path, or 'all-linear'."
-      )
-    for name in ("target_modules", "exclude_modules"):
-      value = getattr(self, name)
-      if isinstance(value, str) and value != "all-linear":
-        try:
-          re.compile(value)
-        except re.error as e:
-          raise ValueError(
-              f"LoraConfig.{name}={value!r} is not a valid regex ({e}); give a valid regex matched"
-              " in full against the '/'-joined module path, or a list of module-name suffixes."
-          ) from None
-    # Lists are unhashable; keep the dataclass hashable so it can be a static jit arg.
-    for name in ("target_modules", "exclude_modules"):
-      value = getattr(self, name)
-      if value is not None and not isinstance(value, str):
-        object.__setattr__(self, name, tuple(value))
+    _check_targets(self)
 
   @property
   def variant(self):
@@ -119,24 +93,12 @@ class LoraConfig:
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-friendly dict (the adapter dtype as its name)."""
-    d = dataclasses.asdict(self)
-    d["adapter_dtype"] = jnp.dtype(self.adapter_dtype).name
-    for name in ("target_modules", "exclude_modules"):
-      if isinstance(d[name], tuple):
-        d[name] = list(d[name])
-    return d
+    return _to_dict(self)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
     """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError``."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"Unknown LoraConfig fields {unknown}; known: {sorted(fields)}.")
-    d = dict(d)
-    if "adapter_dtype" in d:
-      d["adapter_dtype"] = jnp.dtype(d["adapter_dtype"])
-    return cls(**d)
+    return _from_dict(cls, d)
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
@@ -173,26 +135,14 @@ class VeraConfig:
   adapter_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
-      raise ValueError(f"VeraConfig.r must be a positive integer, got {self.r!r}.")
-    object.__setattr__(self, "r", int(self.r))
-    if not 0.0 <= self.vera_dropout < 1.0:
-      raise ValueError(f"VeraConfig.vera_dropout must be in [0, 1), got {self.vera_dropout!r}.")
+    _check_rank(self)
+    _check_dropout(self, "vera_dropout")
     if not math.isfinite(self.d_initial):
       raise ValueError(f"VeraConfig.d_initial must be finite, got {self.d_initial!r}.")
     if self.fan_in_fan_out:
       raise ValueError("VeraConfig.fan_in_fan_out=True is for torch Conv1D weights; Flax kernels"
                        " are [in, out] already: leave it False.")
-    if self.target_modules is None:
-      raise ValueError(
-          "VeraConfig.target_modules is required: a list of module-name suffixes such as"
-          " ['q_proj', 'v_proj'], a regex matched against the '/'-joined module path, or"
-          " 'all-linear'.")
-    _check_patterns(type(self).__name__, self)
-    for name in ("target_modules", "exclude_modules"):
-      value = getattr(self, name)
-      if value is not None and not isinstance(value, str):
-        object.__setattr__(self, name, tuple(value))
+    _check_targets(self)
 
   @property
   def variant(self):
@@ -225,20 +175,44 @@ class VeraConfig:
     return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def _check_patterns(owner: str, config) -> None:
-  """A regex ``target_modules``/``exclude_modules`` must compile; names must be strings."""
+def _check_rank(config) -> None:
+  """``r`` must be a positive integer (numpy integers accepted, stored as ``int``)."""
+  r = config.r
+  if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r <= 0:
+    raise ValueError(f"{type(config).__name__}.r must be a positive integer, got {r!r}.")
+  object.__setattr__(config, "r", int(r))
+
+
+def _check_dropout(config, name: str) -> None:
+  value = getattr(config, name)
+  if not 0.0 <= value < 1.0:
+    raise ValueError(f"{type(config).__name__}.{name} must be in [0, 1), got {value!r}.")
+
+
+def _check_targets(config) -> None:
+  """``target_modules`` is required; a regex must compile; lists become tuples (hashable:
+  a config is a static ``jit`` argument)."""
+  owner = type(config).__name__
+  if config.target_modules is None:
+    raise ValueError(
+        f"{owner}.target_modules is required: a list of module-name suffixes such as"
+        " ['q_proj', 'v_proj'], a regex matched against the '/'-joined module path, or"
+        " 'all-linear'.")
   for name in ("target_modules", "exclude_modules"):
     value = getattr(config, name)
     if isinstance(value, str) and value != "all-linear":
       try:
         re.compile(value)
       except re.error as e:
-        raise ValueError(f"{owner}.{name}={value!r} is not a valid regex ({e}); pass a list of"
-                         " module names, or fix the pattern.") from None
+        raise ValueError(
+            f"{owner}.{name}={value!r} is not a valid regex ({e}); give a valid regex matched"
+            " in full against the '/'-joined module path, or a list of module-name suffixes."
+        ) from None
     elif value is not None and not isinstance(value, str):
       bad = [v for v in value if not isinstance(v, str)]
       if bad:
         raise ValueError(f"{owner}.{name} entries must be module names (strings), got {bad!r}.")
+      object.__setattr__(config, name, tuple(value))
 
 
 def _to_dict(config) -> dict[str, Any]:
