@@ -77,3 +77,16 @@ def assert_trees_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     assert x.dtype == y.dtype and x.shape == y.shape
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def run_on_8_cpu_devices(script: str, *args: str) -> None:
+  """Runs ``script`` (Python source) in a subprocess with 8 fake CPU devices; it must print OK."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", script, *args], env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -1,15 +1,14 @@
 """Adapter files: save_adapters / load_adapters (Orbax + sidecar), config and shape checks."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _adapter_trees import D, R, TARGETS, assert_trees_equal, make, scanned_params, unscanned_params
+from _adapter_trees import (D, R, TARGETS, assert_trees_equal, make, run_on_8_cpu_devices,
+                            scanned_params, unscanned_params)
 
 import dora_jax
 from dora_jax import checkpoint as ckpt
@@ -118,8 +117,4 @@ RESHARD_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.multidevice
 def test_reshard_between_meshes(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", RESHARD_SCRIPT, str(tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+  run_on_8_cpu_devices(RESHARD_SCRIPT, str(tmp_path))

@@ -1,8 +1,5 @@
 """The trainer's checkpointer: resumable training state (train.checkpoint.TrainCheckpointer)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -10,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _adapter_trees import assert_trees_equal, make
+from _adapter_trees import assert_trees_equal, make, run_on_8_cpu_devices
 
 from train import checkpoint as ckpt
 
@@ -124,8 +121,4 @@ RESHARD_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.multidevice
 def test_restore_on_another_mesh(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", RESHARD_SCRIPT, str(tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+  run_on_8_cpu_devices(RESHARD_SCRIPT, str(tmp_path))
