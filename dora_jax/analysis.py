@@ -215,8 +215,8 @@ def plot_decomposition(
   methods = list(records_by_method)
   steps = [r.get("step", 0) for recs in records_by_method.values() for r in recs]
   norm = matplotlib.colors.Normalize(min(steps), max(max(steps), min(steps) + 1))
-  fig, axes = plt.subplots(len(rows), len(methods), figsize=(3.4 * len(methods), 3.0 * len(rows)),
-                           squeeze=False)
+  fig, axes = plt.subplots(len(rows), len(methods), figsize=(3.6 * len(methods) + 1, 3.2 * len(rows) + 0.4),
+                           squeeze=False, layout="constrained")
   slopes: dict[str, dict[str, float]] = {m: {} for m in methods}
   scatter = None
   for i, module in enumerate(rows):

@@ -81,14 +81,14 @@ def test_vera_adapters_any_method():
   adapters = dora_jax.init_adapters(jax.random.key(1), base, config)
   flat = dora_jax.tree.flatten_adapters(adapters)
   for ad in flat.values():
-    ad["vera_lambda_b"] = np.asarray(rand(*ad["vera_lambda_b"].shape)) * 10
+    ad["vera_lambda_b"] = np.asarray(rand(*ad["vera_lambda_b"].shape))
   adapters = {**dora_jax.tree.unflatten(flat), "shared": adapters["shared"]}
   recs = dora_jax.weight_decomposition(base, adapters=adapters, config=config)
   merged = dora_jax.merge(base, adapters, config)
   for r in recs:
     layer = r["module"].split("/")[0]
     want = np_shift(base[layer]["q_proj"]["kernel"], merged[layer]["q_proj"]["kernel"])
-    np.testing.assert_allclose([r["delta_m"], r["delta_d"]], want, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose([r["delta_m"], r["delta_d"]], want, rtol=1e-4)
     assert r["delta_d"] > 0
 
 
@@ -108,6 +108,8 @@ def test_scale_invariance_and_pure_magnitude_change():
   dm, dd = analysis.kernel_shift(w0, w0 * scale)
   assert abs(float(dd)) < 1e-6  # only the magnitude moved: no direction change
   np.testing.assert_allclose(dm, np.mean(np.abs(scale - 1) * np.linalg.norm(w0, axis=0)), rtol=1e-5)
+  w_small = w0 + 1e-4 * rand(I, O)  # ΔD ~ 1e-8: 1 − cos in float32 would give noise
+  np.testing.assert_allclose(analysis.kernel_shift(w0, w_small)[1], np_shift(w0, w_small)[1], rtol=1e-2)
   wt = w0 + 0.5 * rand(I, O)
   _, dd1 = analysis.kernel_shift(w0, wt)
   _, dd2 = analysis.kernel_shift(w0, wt * scale)  # ΔD is blind to column scale
