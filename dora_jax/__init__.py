@@ -91,3 +91,15 @@ __all__ += [
     "quant", "quantize", "dequantize_params", "is_quantized", "check_float_kernel",
     "QuantizedKernel", "NF4Kernel", "Int8Kernel", "quantized_param_shardings",
 ]
+
+from dora_jax import analysis
+from dora_jax.analysis import (
+    decomposition_slope,
+    kernel_shift,
+    plot_decomposition,
+    weight_decomposition,
+)
+
+__all__ += [
+    "analysis", "weight_decomposition", "kernel_shift", "decomposition_slope", "plot_decomposition",
+]
