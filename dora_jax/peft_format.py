@@ -124,13 +124,14 @@ def _peft_target_modules(config: LoraConfig, names: Sequence[str]) -> list[str]:
 
 
 def _peft_config_json(
-    config: LoraConfig, names: Sequence[str], base_model_name_or_path: str | None
+    config: LoraConfig, names: Sequence[str], base_model_name_or_path: str | None,
+    task_type: str | None = None,
 ) -> dict[str, Any]:
   alpha = config.lora_alpha
   alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
   return {
       "peft_type": "LORA",
-      "task_type": "CAUSAL_LM",
+      "task_type": task_type,
       "base_model_name_or_path": base_model_name_or_path,
       "revision": None,
       "inference_mode": True,
@@ -232,6 +233,7 @@ def export_peft(
     params: Any = None,
     module_name_map: ModuleNameMap | None = None,
     base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
     dtype: Any = None,
 ) -> None:
   """Writes a PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
@@ -257,6 +259,9 @@ def export_peft(
       :func:`peft_module_name` (``model/layers/self_attn/q_proj`` stacked ->
       ``model.layers.{i}.self_attn.q_proj``).
     base_model_name_or_path: recorded for PEFT (e.g. the HF hub id).
+    task_type: PEFT's ``task_type`` (``"CAUSAL_LM"`` for a causal LM, so that
+      ``PeftModel.from_pretrained`` makes a ``PeftModelForCausalLM``); default ``None``:
+      a plain ``PeftModel``, which any model (a CNN, an encoder) loads.
     dtype: dtype of the written tensors (e.g. ``jnp.bfloat16``); default: the
       adapters' dtype.
 
@@ -275,7 +280,7 @@ def export_peft(
   check_config_matches(adapters, config)
   tensors = peft_state_dict(adapters, params=params, module_name_map=module_name_map, dtype=dtype)
   names = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
-  peft_config = _peft_config_json(config, names, base_model_name_or_path)
+  peft_config = _peft_config_json(config, names, base_model_name_or_path, task_type)
   if not _is_primary():
     return
   root = _epath(directory)

@@ -20,7 +20,8 @@ from dora_jax import peft_format as ckpt
 
 def test_peft_names_and_layouts(tmp_path):
   params, adapters, config = make()
-  ckpt.export_peft(tmp_path, adapters, config, params=params, base_model_name_or_path="tiny")
+  ckpt.export_peft(tmp_path, adapters, config, params=params, base_model_name_or_path="tiny",
+                   task_type="CAUSAL_LM")
   t = load_file(tmp_path / "adapter_model.safetensors")
   pre = "base_model.model.model."
   q = adapters["model"]["layers_1"]["self_attn"]["q_proj"]
@@ -41,6 +42,8 @@ def test_peft_names_and_layouts(tmp_path):
   assert cfg["lora_alpha"] == 4 and cfg["bias"] == "none" and cfg["fan_in_fan_out"] is False
   assert cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == "tiny"
   assert sorted(cfg["target_modules"]) == sorted(TARGETS)
+  ckpt.export_peft(tmp_path / "plain", adapters, config, params=params)  # default: no task type
+  assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["task_type"] is None
 
 
 @pytest.mark.parametrize("scanned", [False, True])
