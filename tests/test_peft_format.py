@@ -143,7 +143,9 @@ def test_peft_loads_export_and_matches_merge(tmp_path):
   params = {"model": {"embed_tokens": {"embedding": jnp.asarray(sd["model.embed_tokens.weight"])},
                       "layers": layers}}
   _, adapters, config = make(scanned=True)  # random A, B and magnitudes
-  ckpt.export_peft(tmp_path, adapters, config, params=params)
+  with pytest.raises(ValueError, match="also uses as its LM head"):  # no lm_head in params
+    ckpt.export_peft(tmp_path, adapters, config, params=params)
+  ckpt.export_peft(tmp_path, adapters, config, params=params, tied_embeddings=False)
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
