@@ -2,40 +2,40 @@
 
 :func:`export_peft` / :func:`import_peft` write and read ``adapter_config.json`` +
 ``adapter_model.safetensors``, the folder that ``peft.PeftModel.from_pretrained``
-(and vLLM, for LoRA) load.
+(and vLLM, for LoRA) load: LoRA and DoRA on Linear, Embedding and Conv 1-D/2-D/3-D
+layers, and VeRA on Linear layers. The tensor layouts per layer type are in
+:mod:`dora_jax.peft_tensors`, ``adapter_config.json`` in :mod:`dora_jax.peft_config`.
 
-PEFT tensor names (checked against ``peft`` 0.21 ``save_pretrained`` output and
+Keys (checked against ``peft`` 0.21 ``save_pretrained`` output and
 ``peft/utils/save_and_load.py``), for a module named ``<name>`` in the HF model:
-
-=========================================================  ============  ===================
-key                                                        torch shape   ours
-=========================================================  ============  ===================
-``base_model.model.<name>.lora_A.weight``                  ``[r, I]``    ``lora_a.T``
-``base_model.model.<name>.lora_B.weight``                  ``[O, r]``    ``lora_b.T``
-``base_model.model.<name>.lora_magnitude_vector``          ``[O]``       ``magnitude``
-``base_model.model.<name>.lora_embedding_A`` (Embedding)   ``[r, V]``    ``lora_a.T``
-``base_model.model.<name>.lora_embedding_B`` (Embedding)   ``[D, r]``    ``lora_b.T``
-=========================================================  ============  ===================
+``base_model.model.<name>.lora_A.weight`` / ``lora_B.weight`` (Linear, Conv),
+``.lora_embedding_A`` / ``.lora_embedding_B`` (Embedding), ``.lora_magnitude_vector``
+(DoRA), ``.vera_lambda_d`` / ``.vera_lambda_b`` (VeRA), and VeRA's shared
+``base_model.vera_A`` / ``base_model.vera_B``.
 
 (PEFT keeps DoRA's magnitude in a ``DoraLinearLayer`` whose parameter is
 ``lora_magnitude_vector.<adapter>.weight``; ``get_peft_model_state_dict`` strips the
 ``.weight`` and the adapter name when saving, and ``set_peft_model_state_dict``
 puts them back.)
+
+Not exported (refused with a message): DVoRA (PEFT has no DVoRA), grouped convs (PEFT's
+grouped-conv LoRA is another parameterization), VeRA on non-Linear layers, and an
+adapted embedding that is also the LM head (see :func:`export_peft`, ``tied_embeddings``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dora_jax import peft_tensors as pt
+from dora_jax import variants
 from dora_jax.checkpoint import (
     PathLike,
     _config_dict,
@@ -45,21 +45,24 @@ from dora_jax.checkpoint import (
     _version,
     _write_json_atomic,
 )
-from dora_jax.config import LoraConfig
+from dora_jax.config import LoraConfig, VeraConfig
+from dora_jax.peft_config import check_peft_config, config_from_peft, peft_config_json
 from dora_jax.tree import (
     KernelLayout,
     check_adapters,
     check_config_matches,
     flatten_adapters,
     iter_modules,
+    shared_leaves,
     unbox,
     unflatten,
     weight_key,
 )
+from dora_jax.variants import SHARED_KEY
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = pt.PEFT_PREFIX
 
 ModuleNameMap = Callable[[str, tuple[int, ...]], str]
 """``(our module path, index into its stacked axes) -> HF module name``."""
@@ -99,72 +102,47 @@ def peft_module_name(path: str, index: tuple[int, ...] = ()) -> str:
   return ".".join(parts)
 
 
-def _module_kinds(params: Any, paths: Iterable[str]) -> dict[str, str]:
-  """``{path: "linear" | "embedding"}`` from the params' weight names."""
-  plain = unbox(params)
-  modules = dict(iter_modules(plain))
-  return {p: ("embedding" if weight_key(modules[p]) == "embedding" else "linear") for p in paths}
-
-
-def _peft_target_modules(config: LoraConfig, names: Sequence[str]) -> list[str]:
-  """PEFT ``target_modules`` that select exactly the exported modules.
-
-  Our suffix list means what PEFT's does, so it is kept (as the exported leaf
-  names); a regex, ``"all-linear"`` or exclusions become the full module names.
-  """
-  spec = config.target_modules
-  simple = (
-      not isinstance(spec, str)
-      and config.exclude_modules is None
-      and all("/" not in t and "." not in t for t in spec)
-  )
-  if simple:
-    return sorted({n.rsplit(".", 1)[-1] for n in names})
-  return sorted(names)
-
-
-def _peft_config_json(
-    config: LoraConfig, names: Sequence[str], base_model_name_or_path: str | None
-) -> dict[str, Any]:
-  alpha = config.lora_alpha
-  alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
-  return {
-      "peft_type": "LORA",
-      "task_type": "CAUSAL_LM",
-      "base_model_name_or_path": base_model_name_or_path,
-      "revision": None,
-      "inference_mode": True,
-      "r": config.r,
-      "lora_alpha": alpha,
-      "lora_dropout": config.lora_dropout,
-      "target_modules": _peft_target_modules(config, names),
-      "exclude_modules": None,
-      "fan_in_fan_out": False,
-      "bias": "none",
-      "lora_bias": False,
-      "use_rslora": config.use_rslora,
-      "use_dora": config.use_dora,
-      "init_lora_weights": config.init_lora_weights,
-      "modules_to_save": None,
-      "layers_to_transform": None,
-      "layers_pattern": None,
-      "rank_pattern": {},
-      "alpha_pattern": {},
-      "layer_replication": None,
-      "megatron_config": None,
-      "megatron_core": "megatron.core",
-      "loftq_config": {},
-      "auto_mapping": None,
-  }
-
-
-def _peft_suffixes(kind: str) -> tuple[str, str]:
-  if kind == "embedding":
-    return "lora_embedding_A", "lora_embedding_B"
-  return "lora_A.weight", "lora_B.weight"
-
 
 _EMBED_HINT = re.compile(r"embed|wte|wpe", re.IGNORECASE)
+
+
+def _export_kinds(params: Any, adapters: Mapping, layouts: Mapping[str, KernelLayout] | None
+                  ) -> tuple[dict[str, str], dict[str, tuple[int, ...]], dict[str, int]]:
+  """``({path: "linear" | "embedding" | "conv"}, {path: unstacked kernel shape}, {path: I})``.
+
+  Raises:
+    ValueError: a grouped conv; a kernel with several input axes and one output axis
+      without ``layouts`` (a Conv and a ``DenseGeneral`` look alike).
+  """
+  fits = check_adapters(params, adapters)
+  modules = dict(iter_modules(unbox(params)))
+  layouts = dict(layouts or {})
+  kinds, shapes, inputs = {}, {}, {}
+  for path, fit in fits.items():
+    module = modules[path]
+    shape = tuple(np.shape(module[weight_key(module)]))
+    rest = shape[fit.stack:]
+    shapes[path], inputs[path] = rest, fit.matrix_shape(shape)[-2]
+    given = layouts[path].kind if path in layouts else None
+    if weight_key(module) == "embedding":
+      kinds[path] = "embedding"
+    elif given == "grouped_conv":
+      raise ValueError(
+          f"'{path}' is a grouped conv (feature_group_count > 1): PEFT's LoRA/DoRA on a grouped"
+          " conv is another parameterization (full lora_A, grouped lora_B) that our adapter"
+          " cannot be written as. Export the merged weights instead, or exclude the module.")
+    elif given == "conv":
+      if fit.inputs != len(rest) - 1:
+        raise ValueError(f"The conv kernel at '{path}' {shape} does not split as [*k, C_in, C_out].")
+      kinds[path] = "conv"
+    elif given is None and len(rest) >= 3 and fit.inputs == len(rest) - 1:
+      raise ValueError(
+          f"The kernel at '{path}' has shape {shape}: a Conv ([*k, C_in, C_out], PEFT layout"
+          " [r, C_in, *k]) or a DenseGeneral over several input axes (PEFT layout [r, I])."
+          " Pass layouts=dora_jax.kernel_layouts(model, *example_inputs) to export_peft.")
+    else:
+      kinds[path] = "linear"
+  return kinds, shapes, inputs
 
 
 def peft_state_dict(
@@ -173,76 +151,126 @@ def peft_state_dict(
     params: Any = None,
     module_name_map: ModuleNameMap | None = None,
     dtype: Any = None,
+    layouts: Mapping[str, KernelLayout] | None = None,
 ) -> dict[str, np.ndarray]:
   """The adapters as PEFT's flat ``{key: torch-layout array}`` (numpy).
 
-  See the module docstring for the key names. Stacked adapters are split into
-  one module per layer by ``module_name_map`` (default :func:`peft_module_name`).
+  See :mod:`dora_jax.peft_tensors` for the names and layouts. Stacked adapters are
+  split into one module per layer by ``module_name_map`` (default :func:`peft_module_name`).
 
   Args:
-    adapters: the adapters pytree.
+    adapters: the adapters pytree (LoRA / DoRA, or VeRA with ``adapters["shared"]``).
     params: the base params; tells ``nn.Embed`` modules (PEFT's
-      ``lora_embedding_A/B``) from kernels and checks that the adapters fit.
-      Required when a module's name suggests an embedding.
+      ``lora_embedding_A/B``) from kernels, gives conv kernels' shapes and checks that
+      the adapters fit. Required when a module's name suggests an embedding.
     module_name_map: ``(path, stack index) -> HF module name``.
     dtype: the dtype to write (e.g. ``jnp.bfloat16``); default: the adapters'.
+    layouts: ``{path: KernelLayout}`` as from :func:`dora_jax.kernel_layouts`; its
+      ``kind="conv"`` marks Conv kernels (needed for kernels with several input axes).
+
+  Raises:
+    ValueError: see :func:`export_peft`.
   """
   name_of = module_name_map or peft_module_name
   flat = flatten_adapters(adapters)
+  inputs: dict[str, int] = {}
   if params is not None:
-    check_adapters(params, adapters)
-    kinds = _module_kinds(params, flat)
+    kinds, shapes, inputs = _export_kinds(params, adapters, layouts)
   else:
     hinted = [p for p in flat if _EMBED_HINT.search(p.rsplit("/", 1)[-1])]
     if hinted:
       raise ValueError(
           f"Cannot tell whether {hinted} are embeddings (PEFT names their tensors"
-          " lora_embedding_A/B) or kernels: pass params= to export_peft."
-      )
-    kinds = {p: "linear" for p in flat}
+          " lora_embedding_A/B) or kernels: pass params= to export_peft.")
+    if any(l.kind == "conv" for l in (layouts or {}).values()):
+      raise ValueError("Conv adapters need the kernels' shapes: pass params= to export_peft.")
+    kinds, shapes = {p: "linear" for p in flat}, {p: () for p in flat}
   out: dict[str, np.ndarray] = {}
   owner: dict[str, str] = {}
+  o_max = 0
   for path, adapter in flat.items():
-    a, b = _to_host(adapter["lora_a"]), _to_host(adapter["lora_b"])
-    m = _to_host(adapter["magnitude"]) if "magnitude" in adapter else None
-    stack_shape = a.shape[:-2]
-    a_key, b_key = _peft_suffixes(kinds[path])
+    method = variants.adapter_variant(adapter, path).name
+    host = {k: _to_host(v) for k, v in adapter.items()}
+    if method == "vera" and "magnitude" in host:
+      raise ValueError(_DVORA_MESSAGE)
+    if method not in ("lora", "vera"):
+      raise ValueError(f"'{path}' holds {method} adapters, which have no PEFT export here.")
+    stack_shape = host["lora_a"].shape[:-2] if method == "lora" else host["vera_lambda_d"].shape[:-1]
     for index in np.ndindex(*stack_shape):
       name = name_of(path, tuple(int(i) for i in index))
       if name in owner:
         raise ValueError(
             f"Two modules map to the HF name '{name}': '{owner[name]}' and '{path}'"
-            f" (index {index}). Fix module_name_map."
-        )
+            f" (index {index}). Fix module_name_map.")
       owner[name] = path
-      base = PEFT_PREFIX + name
-      out[f"{base}.{a_key}"] = a[index].T
-      out[f"{base}.{b_key}"] = b[index].T
-      if m is not None:
-        out[f"{base}.lora_magnitude_vector"] = m[index]
+      if method == "lora":
+        m = host["magnitude"][index] if "magnitude" in host else None
+        tensors = pt.lora_to_peft(kinds[path], host["lora_a"][index], host["lora_b"][index], m,
+                                  shapes[path])
+      else:
+        tensors = pt.vera_to_peft(kinds[path], host["vera_lambda_d"][index],
+                                  host["vera_lambda_b"][index], path)
+        o_max = max(o_max, host["vera_lambda_b"].shape[-1])
+      out.update({f"{PEFT_PREFIX}{name}.{suffix}": v for suffix, v in tensors.items()})
+  shared = shared_leaves(adapters)
+  if o_max:
+    i_max = max(inputs.values()) if inputs else None
+    out.update(pt.vera_projections_to_peft({k: _to_host(v) for k, v in shared.items()}, i_max, o_max))
   cast = (lambda x: x) if dtype is None else (lambda x: x.astype(jnp.dtype(dtype)))
   return {k: np.ascontiguousarray(cast(v)) for k, v in out.items()}
+
+
+_DVORA_MESSAGE = (
+    "export_peft cannot write DVoRA adapters (VeRA with use_dora=True): PEFT has no DVoRA."
+    " Export the merged weights instead (dora_jax.merge, or the trainer's --export merged).")
+
+
+def _tied_embedding_paths(params: Any, adapters: Mapping) -> list[str]:
+  """Adapted ``nn.Embed`` modules of a model without a separate output layer: the
+  embedding is (most likely) also the LM head (``attend``)."""
+  plain = unbox(params)
+  modules = dict(iter_modules(plain))
+  has_head = any(p == "lm_head" or p.endswith("/lm_head") for p in modules)
+  return [p for p in flatten_adapters(adapters)
+          if weight_key(modules.get(p, {"kernel": None})) == "embedding" and not has_head]
 
 
 def export_peft(
     directory: PathLike,
     adapters: Mapping,
-    config: LoraConfig,
+    config: LoraConfig | VeraConfig,
     *,
     params: Any = None,
     module_name_map: ModuleNameMap | None = None,
     base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
     dtype: Any = None,
+    layouts: Mapping[str, KernelLayout] | None = None,
+    tied_embeddings: bool | None = None,
 ) -> None:
   """Writes a PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
   ``peft.PeftModel.from_pretrained(hf_model, directory)`` loads it (vLLM too, for
   LoRA). Kernels in our layout are ``[I, O]``, so ``lora_A.weight = lora_a.T``
   (``[r, I]``) and ``lora_B.weight = lora_b.T`` (``[O, r]``); DoRA magnitudes
-  are ``lora_magnitude_vector`` (``[O]``). Our config also rides in the
-  safetensors metadata (``dora_jax.config``) for an exact :func:`import_peft`.
-  In several processes every process must call this when the adapters span
-  processes (they are gathered); the primary one writes.
+  are ``lora_magnitude_vector`` (``[O]``); embeddings and convs have PEFT's own
+  layouts (:mod:`dora_jax.peft_tensors`). VeRA (``VeraConfig``, ``use_dora=False``)
+  writes ``vera_lambda_d/b`` per module and the shared projections
+  ``base_model.vera_A [r, I_max]`` / ``vera_B [O_max, r]`` — always, whatever
+  ``save_projection`` says: PEFT would re-draw missing ones with torch's generator,
+  which JAX's numbers differ from (``adapter_config.json`` says ``save_projection: true``).
+  Our config also rides in the safetensors metadata (``dora_jax.config``) for an exact
+  :func:`import_peft`. In several processes every process must call this when the
+  adapters span processes (they are gathered); the primary one writes.
+
+  Tied embeddings: our adapter on an ``nn.Embed`` that the model also uses as its LM
+  head (``attend``) changes both the lookup and the head; PEFT applies an embedding
+  adapter to the lookup only (PEFT 0.21's ``ensure_weight_tying`` only keeps
+  ``modules_to_save``/trainable-token copies tied, not LoRA deltas), so such an export
+  would give other logits. It is refused: pass ``tied_embeddings=False`` when the
+  embedding is not the head (no ``lm_head`` in the params, but the model does not use
+  ``attend``), or leave the embedding out of ``target_modules``. Default ``None``: an
+  adapted ``nn.Embed`` in params without an ``lm_head`` module counts as tied.
 
   Exporting again into the same folder replaces both files, each atomically
   (a temporary file, then a replacing rename); temporary files that an export
@@ -251,31 +279,48 @@ def export_peft(
   Args:
     directory: output folder (created).
     adapters: the adapters pytree.
-    config: their config.
-    params: the base params: tells embeddings from kernels, checks the fit.
+    config: their config (:class:`LoraConfig`, or :class:`VeraConfig` without DoRA).
+    params: the base params: tells embeddings from kernels, gives conv shapes, checks the fit.
     module_name_map: ``(our path, stack index) -> HF module name``; default
       :func:`peft_module_name` (``model/layers/self_attn/q_proj`` stacked ->
       ``model.layers.{i}.self_attn.q_proj``).
     base_model_name_or_path: recorded for PEFT (e.g. the HF hub id).
+    task_type: PEFT's ``task_type`` (``"CAUSAL_LM"`` for a causal LM, so that
+      ``PeftModel.from_pretrained`` makes a ``PeftModelForCausalLM``); default ``None``:
+      a plain ``PeftModel``, which any model (a CNN, an encoder) loads.
     dtype: dtype of the written tensors (e.g. ``jnp.bfloat16``); default: the
       adapters' dtype.
+    layouts: ``{path: KernelLayout}`` (:func:`dora_jax.kernel_layouts`): marks conv
+      kernels (``kind="conv"``; ``"grouped_conv"`` is refused).
+    tied_embeddings: whether adapted embeddings are also the LM head (see above).
 
   Raises:
-    ValueError: ``config.use_dora`` disagrees with the adapters, or (with
-      ``params``) the adapters do not fit them.
+    ValueError: DVoRA (PEFT has none); ``config`` disagrees with the adapters; (with
+      ``params``) the adapters do not fit them; a grouped conv; a kernel with several
+      input axes and no ``layouts``; VeRA on a non-Linear layer; an adapted tied embedding.
   """
-  if not isinstance(config, LoraConfig):
-    what = "DVoRA" if getattr(config, "use_dora", False) else type(config).__name__
+  if getattr(config, "use_dora", False) and isinstance(config, VeraConfig):
+    raise ValueError(_DVORA_MESSAGE)
+  if not isinstance(config, (LoraConfig, VeraConfig)):
     raise ValueError(
-        f"export_peft writes LoRA/DoRA adapters; {what} adapters have no PEFT export here"
-        + (" (PEFT has no DVoRA)" if what == "DVoRA" else " yet")
-        + ": export the merged weights instead (dora_jax.merge, or the trainer's --export merged).")
+        f"export_peft writes LoRA/DoRA and VeRA adapters; {type(config).__name__} adapters have"
+        " no PEFT export here: export the merged weights instead (dora_jax.merge).")
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   check_config_matches(adapters, config)
-  tensors = peft_state_dict(adapters, params=params, module_name_map=module_name_map, dtype=dtype)
-  names = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
-  peft_config = _peft_config_json(config, names, base_model_name_or_path)
+  if params is not None and tied_embeddings is not False:
+    tied = _tied_embedding_paths(params, adapters)
+    if tied:
+      raise ValueError(
+          f"{tied} adapt an embedding that the model also uses as its LM head (the params have"
+          " no lm_head): ours changes the lookup and the head, PEFT's the lookup only, so the"
+          " PEFT export would give other logits. Export the merged weights, leave the embedding"
+          " out of target_modules, or pass tied_embeddings=False if the embedding is not the head.")
+  tensors = peft_state_dict(adapters, params=params, module_name_map=module_name_map, dtype=dtype,
+                            layouts=layouts)
+  names = sorted({m.group("name") for k in tensors if k.startswith(PEFT_PREFIX)
+                  for m in [pt.PEFT_KEY.match(k[len(PEFT_PREFIX):])] if m})
+  peft_config = peft_config_json(config, names, base_model_name_or_path, task_type)
   if not _is_primary():
     return
   root = _epath(directory)
@@ -286,57 +331,13 @@ def export_peft(
   metadata = {
       "format": "pt",
       "dora_jax.config": json.dumps(_config_dict(config), sort_keys=True),
+      "dora_jax.method": config.variant.name,
       "dora_jax.version": _version(),
   }
   tmp = root / f"{PEFT_WEIGHTS_NAME}.tmp-{os.getpid()}"
   save_file(tensors, str(tmp), metadata=metadata)
   tmp.replace(root / PEFT_WEIGHTS_NAME)
   _write_json_atomic(root / PEFT_CONFIG_NAME, peft_config)
-
-
-_PEFT_KEY = re.compile(
-    r"^(?P<name>.+)\.(?P<what>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
-    r"|lora_magnitude_vector(?:\.weight)?|base_layer\.weight)$"
-)
-
-
-def _parse_peft_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-  """``{hf module name: {"a", "b"[, "magnitude"], "kind"}}`` from PEFT keys."""
-  modules: dict[str, dict[str, Any]] = {}
-  unknown, base_weights = [], []
-  for key, value in tensors.items():
-    m = _PEFT_KEY.match(key[len(PEFT_PREFIX):]) if key.startswith(PEFT_PREFIX) else None
-    if m is None:
-      unknown.append(key)
-      continue
-    name, what = m.group("name"), m.group("what")
-    if what == "base_layer.weight":
-      base_weights.append(key)
-      continue
-    entry = modules.setdefault(name, {})
-    if what.startswith("lora_magnitude_vector"):
-      entry["magnitude"] = value
-      continue
-    kind = "embedding" if what.startswith("lora_embedding") else "linear"
-    if entry.setdefault("kind", kind) != kind:
-      raise ValueError(f"PEFT module '{name}' has both Linear and Embedding LoRA tensors.")
-    entry["a" if what in ("lora_A.weight", "lora_embedding_A") else "b"] = value.T
-  if unknown:
-    raise ValueError(
-        f"The PEFT adapter has tensors dora_jax cannot import: {unknown[:10]}"
-        f"{' ...' if len(unknown) > 10 else ''} (only LoRA / DoRA on Linear and"
-        " Embedding layers, without lora_bias or modules_to_save, is supported)."
-    )
-  if base_weights:
-    warnings.warn(
-        f"The PEFT adapter also stores base weights {base_weights}; they are not"
-        " imported (only adapters are).",
-        stacklevel=3,
-    )
-  for name, entry in modules.items():
-    if "a" not in entry or "b" not in entry:
-      raise ValueError(f"PEFT module '{name}' lacks its lora_A or lora_B tensor.")
-  return modules
 
 
 def _name_candidates(
@@ -407,45 +408,6 @@ def _listed_without_tensors(
   return sorted(absent)
 
 
-def _config_from_peft(
-    peft_config: Mapping[str, Any], metadata: Mapping[str, str], paths: Sequence[str], dtype
-) -> LoraConfig:
-  if "dora_jax.config" in metadata:
-    config = LoraConfig.from_dict(json.loads(metadata["dora_jax.config"]))
-    return dataclasses.replace(config, adapter_dtype=dtype)
-  targets = peft_config.get("target_modules")
-  if isinstance(targets, (list, tuple)) and not peft_config.get("exclude_modules"):
-    target_modules: Any = tuple(targets)
-  else:  # A regex over dotted torch names does not carry over: list what was loaded.
-    target_modules = tuple(paths)
-  init = peft_config.get("init_lora_weights", True)
-  return LoraConfig(
-      r=int(peft_config["r"]),
-      lora_alpha=float(peft_config.get("lora_alpha", peft_config["r"])),
-      target_modules=target_modules,
-      lora_dropout=float(peft_config.get("lora_dropout", 0.0)),
-      use_dora=bool(peft_config.get("use_dora", False)),
-      use_rslora=bool(peft_config.get("use_rslora", False)),
-      init_lora_weights=init if init in (True, False, "gaussian") else True,
-      adapter_dtype=dtype,
-  )
-
-
-def _check_peft_config(peft_config: Mapping[str, Any], directory) -> None:
-  problems = []
-  if peft_config.get("peft_type") != "LORA":
-    problems.append(f"peft_type={peft_config.get('peft_type')!r} (only 'LORA')")
-  if peft_config.get("lora_bias"):
-    problems.append("lora_bias=True")
-  for field in ("rank_pattern", "alpha_pattern"):
-    if peft_config.get(field):
-      problems.append(f"{field}={peft_config[field]!r} (one r and alpha for all modules only)")
-  if peft_config.get("modules_to_save"):
-    problems.append(f"modules_to_save={peft_config['modules_to_save']!r}")
-  if peft_config.get("layer_replication"):
-    problems.append("layer_replication")
-  if problems:
-    raise ValueError(f"Cannot import the PEFT adapter in {directory}: " + "; ".join(problems) + ".")
 
 
 def import_peft(
@@ -455,12 +417,15 @@ def import_peft(
     module_name_map: ModuleNameMap | None = None,
     layouts: Mapping[str, KernelLayout] | None = None,
     dtype: Any = None,
-) -> tuple[dict, LoraConfig]:
-  """Reads a PEFT LoRA / DoRA adapter into our adapters tree for ``params``.
+) -> tuple[dict, Any]:
+  """Reads a PEFT LoRA / DoRA / VeRA adapter into our adapters tree for ``params``.
 
   Per-layer PEFT modules are stacked when ``params`` holds a scanned kernel
   (``model/layers/...`` with a leading layer axis). Names are matched by
-  computing ``module_name_map(path, index)`` for every module of ``params``.
+  computing ``module_name_map(path, index)`` for every module of ``params``. Conv
+  tensors (``lora_A.weight [r, C_in, *k]``) are recognized by their shape and
+  rearranged for the Flax kernel ``[*k, C_in, C_out]``; VeRA's shared projections land
+  in ``adapters["shared"]`` (``vera_A [I_max, r]``, ``vera_B [r, O_max]``, float32).
 
   Args:
     directory: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -472,13 +437,16 @@ def import_peft(
 
   Returns:
     ``(adapters, config)``. The config is the exporter's exact one when the file
-    came from :func:`export_peft`, else built from ``adapter_config.json``.
+    came from :func:`export_peft`, else built from ``adapter_config.json``
+    (:class:`LoraConfig` or :class:`VeraConfig`).
 
   Raises:
-    ValueError: unsupported PEFT features, modules in the file that ``params``
-      lacks, modules that ``adapter_config.json``'s ``target_modules`` lists (and
-      ``params`` has) without tensors in the file, missing layers of a stacked
-      module, NaN or infinite values, or shapes that do not fit.
+    ValueError: unsupported PEFT features (e.g. VeRA saved with
+      ``save_projection=False``: torch's generator cannot be reproduced), modules in the
+      file that ``params`` lacks, modules that ``adapter_config.json``'s
+      ``target_modules`` lists (and ``params`` has) without tensors in the file, missing
+      layers of a stacked module, NaN or infinite values, a grouped conv's adapter, or
+      shapes that do not fit.
   """
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
@@ -487,12 +455,18 @@ def import_peft(
     if not (root / fname).exists():
       raise FileNotFoundError(f"{directory} has no {fname}: not a PEFT adapter folder.")
   peft_config = json.loads((root / PEFT_CONFIG_NAME).read_text())
-  _check_peft_config(peft_config, directory)
+  check_peft_config(peft_config, directory)
   with safe_open(str(root / PEFT_WEIGHTS_NAME), framework="numpy") as f:
     metadata = f.metadata() or {}
     tensors = {k: f.get_tensor(k) for k in f.keys()}
   _check_finite(tensors, directory)
-  modules = _parse_peft_tensors(tensors)
+  modules, shared_file = pt.parse_peft_tensors(tensors)
+  is_vera = peft_config.get("peft_type") == "VERA"
+  if is_vera and sorted(shared_file) != ["vera_A", "vera_B"]:
+    raise ValueError(
+        f"The VeRA adapter in {directory} lacks {pt.VERA_A_KEY} / {pt.VERA_B_KEY}: PEFT re-draws"
+        " them from projection_prng_key with torch's generator, which JAX cannot reproduce."
+        " Save it with save_projection=True.")
   name_map = module_name_map or peft_module_name
   candidates = _name_candidates(params, name_map, dict(layouts or {}))
   absent = _listed_without_tensors(peft_config, candidates, modules)
@@ -530,7 +504,8 @@ def import_peft(
   flat: dict[str, dict[str, np.ndarray]] = {}
   for path, entries in per_path.items():
     module = modules_by_path[path]
-    stack_shape = tuple(np.shape(module[weight_key(module)]))[: depth_of[path]]
+    full_shape = tuple(np.shape(module[weight_key(module)]))
+    stack_shape = full_shape[: depth_of[path]]
     wanted = set(np.ndindex(*stack_shape))
     absent = sorted(wanted - set(entries))
     if absent:
@@ -539,18 +514,28 @@ def import_peft(
           f" (stack {stack_shape}): missing indices {absent[:10]}. dora_jax keeps one"
           " adapter per stacked kernel; load into unscanned params instead."
       )
-    kind = "embedding" if weight_key(module) == "embedding" else "linear"
-    leaves: dict[str, list[np.ndarray]] = {"lora_a": [], "lora_b": [], "magnitude": []}
+    is_embed = weight_key(module) == "embedding"
+    leaves: dict[str, list[np.ndarray]] = {}
     for index in sorted(wanted) if stack_shape else [()]:
       e = entries[index]
-      if e["kind"] != kind:
+      if (e["kind"] == "embedding") != is_embed:
         raise ValueError(
             f"PEFT module '{e['name']}' holds {e['kind']} tensors but '{path}' is an"
-            f" {'nn.Embed' if kind == 'embedding' else 'kernel'}."
+            f" {'nn.Embed' if is_embed else 'kernel'}."
         )
-      if e["a"].shape[-1] != r or e["b"].shape[0] != r:
+      if is_vera:
+        if "A" in e:
+          raise ValueError(f"PEFT module '{e['name']}' holds LoRA tensors in a VeRA adapter.")
+        got = {"vera_lambda_d": e["vera_lambda_d"], "vera_lambda_b": e["vera_lambda_b"]}
+        ranks = (got["vera_lambda_d"].shape[-1],)
+      else:
+        if "A" not in e:
+          raise ValueError(f"PEFT module '{e['name']}' holds VeRA tensors in a LoRA adapter.")
+        got = pt.lora_from_peft(e["kind"], e, full_shape[depth_of[path]:], e["name"])
+        ranks = (got["lora_a"].shape[-1], got["lora_b"].shape[0])
+      if any(k != r for k in ranks):
         raise ValueError(
-            f"PEFT module '{e['name']}' has rank {e['a'].shape[-1]} / {e['b'].shape[0]},"
+            f"PEFT module '{e['name']}' has rank {' / '.join(map(str, ranks))},"
             f" but adapter_config.json says r={r}."
         )
       if ("magnitude" in e) != use_dora:
@@ -558,31 +543,39 @@ def import_peft(
             f"PEFT module '{e['name']}' {'has' if 'magnitude' in e else 'lacks'} a DoRA"
             f" magnitude but use_dora={use_dora}."
         )
-      shapes = {k: e[k].shape for k in ("a", "b", "magnitude") if k in e}
-      first = entries[min(entries)] if stack_shape else e
-      if any(first[k].shape != s for k, s in shapes.items()):
-        raise ValueError(
-            f"PEFT modules stacked into '{path}' differ in shape: '{first['name']}'"
-            f" vs '{e['name']}'."
-        )
-      leaves["lora_a"].append(e["a"])
-      leaves["lora_b"].append(e["b"])
-      if "magnitude" in e:
-        leaves["magnitude"].append(e["magnitude"])
+      for k, v in got.items():
+        if leaves.get(k) and leaves[k][0].shape != v.shape:
+          raise ValueError(
+              f"PEFT modules stacked into '{path}' differ in shape: '{entries[min(entries)]['name']}'"
+              f" vs '{e['name']}'."
+          )
+        leaves.setdefault(k, []).append(v)
     flat[path] = {
         k: (np.stack(v).reshape(*stack_shape, *v[0].shape) if stack_shape else v[0])
-        for k, v in leaves.items() if v
+        for k, v in leaves.items()
     }
 
   adapters_np = unflatten(flat)
   try:
-    check_adapters(params, adapters_np)
+    fits = check_adapters(params, adapters_np)
   except ValueError as e:
     raise ValueError(f"The PEFT adapter in {directory} does not fit the params: {e}") from e
-  file_dtype = next(iter(flat.values()))["lora_a"].dtype if flat else np.float32
+  first = next(iter(flat.values())) if flat else {}
+  file_dtype = next(iter(first.values())).dtype if first else np.float32
   out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(file_dtype)
   adapters = jax.tree.map(lambda x: jnp.asarray(x, out_dtype), adapters_np)
-  config = _config_from_peft(peft_config, metadata, sorted(flat), out_dtype)
+  if is_vera:
+    shared = {"vera_A": shared_file["vera_A"].T, "vera_B": shared_file["vera_B"].T}
+    for path, fit in fits.items():
+      module = modules_by_path[path]
+      i_dim, o_dim = fit.matrix_shape(tuple(np.shape(module[weight_key(module)])))[-2:]
+      if shared["vera_A"].shape[0] < i_dim or shared["vera_B"].shape[1] < o_dim:
+        raise ValueError(
+            f"The VeRA projections in {directory} (vera_A {shared_file['vera_A'].shape}, vera_B"
+            f" {shared_file['vera_B'].shape}) are smaller than '{path}' ({i_dim} x {o_dim}):"
+            " the adapter was made for another model.")
+    adapters[SHARED_KEY] = {k: jnp.asarray(v, jnp.float32) for k, v in shared.items()}
+  config = config_from_peft(peft_config, metadata, sorted(flat), out_dtype)
   return adapters, config
 
 

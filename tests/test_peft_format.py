@@ -20,7 +20,8 @@ from dora_jax import peft_format as ckpt
 
 def test_peft_names_and_layouts(tmp_path):
   params, adapters, config = make()
-  ckpt.export_peft(tmp_path, adapters, config, params=params, base_model_name_or_path="tiny")
+  ckpt.export_peft(tmp_path, adapters, config, params=params, base_model_name_or_path="tiny",
+                   task_type="CAUSAL_LM")
   t = load_file(tmp_path / "adapter_model.safetensors")
   pre = "base_model.model.model."
   q = adapters["model"]["layers_1"]["self_attn"]["q_proj"]
@@ -41,6 +42,8 @@ def test_peft_names_and_layouts(tmp_path):
   assert cfg["lora_alpha"] == 4 and cfg["bias"] == "none" and cfg["fan_in_fan_out"] is False
   assert cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == "tiny"
   assert sorted(cfg["target_modules"]) == sorted(TARGETS)
+  ckpt.export_peft(tmp_path / "plain", adapters, config, params=params)  # default: no task type
+  assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["task_type"] is None
 
 
 @pytest.mark.parametrize("scanned", [False, True])
@@ -140,7 +143,9 @@ def test_peft_loads_export_and_matches_merge(tmp_path):
   params = {"model": {"embed_tokens": {"embedding": jnp.asarray(sd["model.embed_tokens.weight"])},
                       "layers": layers}}
   _, adapters, config = make(scanned=True)  # random A, B and magnitudes
-  ckpt.export_peft(tmp_path, adapters, config, params=params)
+  with pytest.raises(ValueError, match="also uses as its LM head"):  # no lm_head in params
+    ckpt.export_peft(tmp_path, adapters, config, params=params)
+  ckpt.export_peft(tmp_path, adapters, config, params=params, tied_embeddings=False)
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
