@@ -19,8 +19,9 @@ Keys (checked against ``peft`` 0.21 ``save_pretrained`` output and
 puts them back.)
 
 Not exported (refused with a message): DVoRA (PEFT has no DVoRA), grouped convs (PEFT's
-grouped-conv LoRA is another parameterization), VeRA on non-Linear layers, and an
-adapted embedding that is also the LM head (see :func:`export_peft`, ``tied_embeddings``).
+grouped-conv LoRA is another parameterization), other layer kinds, VeRA on non-Linear
+layers, and DoRA on an embedding that is also the LM head. A LoRA on a tied embedding is
+exported with PEFT's ``ensure_weight_tying`` (see :func:`export_peft`, ``tied_embeddings``).
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ def _export_kinds(params: Any, adapters: Mapping, layouts: Mapping[str, KernelLa
       if fit.inputs != len(rest) - 1:
         raise ValueError(f"The conv kernel at '{path}' {shape} does not split as [*k, C_in, C_out].")
       kinds[path] = "conv"
+    elif given not in (None, "linear"):
+      raise ValueError(f"'{path}' is a {given} layer, which has no PEFT tensor layout here"
+                       " (Linear, Embedding and Conv only): export the merged weights instead.")
     elif given is None and len(rest) >= 3 and fit.inputs == len(rest) - 1:
       raise ValueError(
           f"The kernel at '{path}' has shape {shape}: a Conv ([*k, C_in, C_out], PEFT layout"

@@ -125,6 +125,9 @@ def test_grouped_conv_refused(tmp_path):
                                            kind="grouped_conv")}
   with pytest.raises(ValueError, match="grouped conv.*merged"):
     pf.export_peft(tmp_path, adapters, cfg, params=params, layouts=grouped)
+  other = {"conv": dora_jax.KernelLayout(0, 3, kind="conv_transpose")}
+  with pytest.raises(ValueError, match="conv_transpose layer, which has no PEFT tensor layout"):
+    pf.export_peft(tmp_path, adapters, cfg, params=params, layouts=other)
   # A grouped conv saved by PEFT (lora_B grouped: [C_out, r / groups, 1, 1]) is refused too.
   tm = torch.nn.Sequential()
   tm.conv = torch.nn.Conv2d(4, 4, 3, groups=2)
