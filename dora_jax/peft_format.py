@@ -19,8 +19,9 @@ Keys (checked against ``peft`` 0.21 ``save_pretrained`` output and
 puts them back.)
 
 Not exported (refused with a message): DVoRA (PEFT has no DVoRA), grouped convs (PEFT's
-grouped-conv LoRA is another parameterization), VeRA on non-Linear layers, and an
-adapted embedding that is also the LM head (see :func:`export_peft`, ``tied_embeddings``).
+grouped-conv LoRA is another parameterization), other layer kinds, VeRA on non-Linear
+layers, and DoRA on an embedding that is also the LM head. A LoRA on a tied embedding is
+exported with PEFT's ``ensure_weight_tying`` (see :func:`export_peft`, ``tied_embeddings``).
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ def _export_kinds(params: Any, adapters: Mapping, layouts: Mapping[str, KernelLa
       if fit.inputs != len(rest) - 1:
         raise ValueError(f"The conv kernel at '{path}' {shape} does not split as [*k, C_in, C_out].")
       kinds[path] = "conv"
+    elif given not in (None, "linear"):
+      raise ValueError(f"'{path}' is a {given} layer, which has no PEFT tensor layout here"
+                       " (Linear, Embedding and Conv only): export the merged weights instead.")
     elif given is None and len(rest) >= 3 and fit.inputs == len(rest) - 1:
       raise ValueError(
           f"The kernel at '{path}' has shape {shape}: a Conv ([*k, C_in, C_out], PEFT layout"
@@ -225,14 +229,13 @@ _DVORA_MESSAGE = (
     " Export the merged weights instead (dora_jax.merge, or the trainer's --export merged).")
 
 
-def _tied_embedding_paths(params: Any, adapters: Mapping) -> list[str]:
-  """Adapted ``nn.Embed`` modules of a model without a separate output layer: the
-  embedding is (most likely) also the LM head (``attend``)."""
-  plain = unbox(params)
-  modules = dict(iter_modules(plain))
+def _tied_embedding_paths(params: Any, adapters: Mapping, force: bool = False) -> list[str]:
+  """Adapted ``nn.Embed`` modules that are (most likely, or with ``force``) also the LM head
+  (``attend``): the params have no separate ``lm_head`` module."""
+  modules = dict(iter_modules(unbox(params)))
   has_head = any(p == "lm_head" or p.endswith("/lm_head") for p in modules)
   return [p for p in flatten_adapters(adapters)
-          if weight_key(modules.get(p, {"kernel": None})) == "embedding" and not has_head]
+          if p in modules and weight_key(modules[p]) == "embedding" and (force or not has_head)]
 
 
 def export_peft(
@@ -247,6 +250,7 @@ def export_peft(
     dtype: Any = None,
     layouts: Mapping[str, KernelLayout] | None = None,
     tied_embeddings: bool | None = None,
+    tied_head_name: str = "lm_head",
 ) -> None:
   """Writes a PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -264,13 +268,17 @@ def export_peft(
   adapters span processes (they are gathered); the primary one writes.
 
   Tied embeddings: our adapter on an ``nn.Embed`` that the model also uses as its LM
-  head (``attend``) changes both the lookup and the head; PEFT applies an embedding
-  adapter to the lookup only (PEFT 0.21's ``ensure_weight_tying`` only keeps
-  ``modules_to_save``/trainable-token copies tied, not LoRA deltas), so such an export
-  would give other logits. It is refused: pass ``tied_embeddings=False`` when the
-  embedding is not the head (no ``lm_head`` in the params, but the model does not use
-  ``attend``), or leave the embedding out of ``target_modules``. Default ``None``: an
-  adapted ``nn.Embed`` in params without an ``lm_head`` module counts as tied.
+  head (``attend``) changes both the lookup and the head (``W'`` is one tensor). PEFT
+  applies an embedding adapter to the lookup only, unless ``ensure_weight_tying=True``
+  (PEFT 0.21 ``LoraConfig``), which gives the head a LoRA tied to the embedding's
+  (``lm_head.lora_A.weight = lora_embedding_B.T``, ``lora_B.weight = lora_embedding_A.T``):
+  the same ``ΔW`` on both, our semantics. So a tied LoRA embedding is exported with
+  ``ensure_weight_tying: true`` and the head's tensors (named ``tied_head_name``); DoRA
+  on a tied embedding is refused (PEFT's DoRA on the head would normalize each vocab
+  row over D, ours normalizes each of D over the vocab: no PEFT equivalent), as is
+  VeRA (Linear only). ``tied_embeddings=None`` (default) counts an adapted ``nn.Embed``
+  as tied when the params have no ``lm_head`` module; pass ``False`` when the embedding
+  is not the head although there is no ``lm_head`` (or ``True`` to force it).
 
   Exporting again into the same folder replaces both files, each atomically
   (a temporary file, then a replacing rename); temporary files that an export
@@ -293,11 +301,12 @@ def export_peft(
     layouts: ``{path: KernelLayout}`` (:func:`dora_jax.kernel_layouts`): marks conv
       kernels (``kind="conv"``; ``"grouped_conv"`` is refused).
     tied_embeddings: whether adapted embeddings are also the LM head (see above).
+    tied_head_name: the HF module name of the tied head (``"lm_head"`` in HF causal LMs).
 
   Raises:
     ValueError: DVoRA (PEFT has none); ``config`` disagrees with the adapters; (with
       ``params``) the adapters do not fit them; a grouped conv; a kernel with several
-      input axes and no ``layouts``; VeRA on a non-Linear layer; an adapted tied embedding.
+      input axes and no ``layouts``; VeRA on a non-Linear layer; DoRA on a tied embedding.
   """
   if getattr(config, "use_dora", False) and isinstance(config, VeraConfig):
     raise ValueError(_DVORA_MESSAGE)
@@ -308,19 +317,29 @@ def export_peft(
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   check_config_matches(adapters, config)
+  tied: list[str] = []
   if params is not None and tied_embeddings is not False:
-    tied = _tied_embedding_paths(params, adapters)
-    if tied:
+    tied = _tied_embedding_paths(params, adapters, force=bool(tied_embeddings))
+    if tied and getattr(config, "use_dora", False):
       raise ValueError(
-          f"{tied} adapt an embedding that the model also uses as its LM head (the params have"
-          " no lm_head): ours changes the lookup and the head, PEFT's the lookup only, so the"
-          " PEFT export would give other logits. Export the merged weights, leave the embedding"
-          " out of target_modules, or pass tied_embeddings=False if the embedding is not the head.")
+          f"{tied} put DoRA on an embedding that the model also uses as its LM head (the params"
+          " have no lm_head): PEFT has no equivalent (its DoRA on the head normalizes the other"
+          " axis). Export the merged weights, leave the embedding out of target_modules, or pass"
+          " tied_embeddings=False if the embedding is not the head.")
   tensors = peft_state_dict(adapters, params=params, module_name_map=module_name_map, dtype=dtype,
                             layouts=layouts)
+  if len(tied) > 1:
+    raise ValueError(f"Several adapted embeddings {tied} and one tied head: pass tied_embeddings.")
+  if tied:  # PEFT's tied LoRA on the head: A = B_embedding^T, B = A_embedding^T
+    embed = PEFT_PREFIX + (module_name_map or peft_module_name)(tied[0], ())
+    head = PEFT_PREFIX + tied_head_name
+    tensors[f"{head}.lora_A.weight"] = np.ascontiguousarray(tensors[f"{embed}.lora_embedding_B"].T)
+    tensors[f"{head}.lora_B.weight"] = np.ascontiguousarray(tensors[f"{embed}.lora_embedding_A"].T)
   names = sorted({m.group("name") for k in tensors if k.startswith(PEFT_PREFIX)
-                  for m in [pt.PEFT_KEY.match(k[len(PEFT_PREFIX):])] if m})
+                  for m in [pt.PEFT_KEY.match(k[len(PEFT_PREFIX):])] if m} - {tied_head_name})
   peft_config = peft_config_json(config, names, base_model_name_or_path, task_type)
+  if tied:
+    peft_config["ensure_weight_tying"] = True
   if not _is_primary():
     return
   root = _epath(directory)
@@ -478,6 +497,8 @@ def import_peft(
         " adapter, or fix target_modules to list only what was adapted."
     )
 
+  if peft_config.get("ensure_weight_tying"):
+    pt.drop_tied_heads(modules, candidates)
   missing = sorted(n for n in modules if n not in candidates)
   if missing:
     known = sorted(candidates)[:12]

@@ -202,3 +202,17 @@ def parse_peft_tensors(tensors: Mapping[str, np.ndarray]
       raise ValueError(f"PEFT module '{name}' has neither LoRA nor VeRA tensors, or both: {sorted(entry)}.")
     entry.setdefault("kind", "linear")
   return modules, shared
+
+
+def drop_tied_heads(modules: dict[str, dict[str, Any]], candidates: Mapping[str, Any]) -> None:
+  """Removes from ``modules`` the LoRA of a tied head that the params lack (tied LM head):
+  PEFT's ``ensure_weight_tying`` copy of an embedding's adapter
+  (``lora_A = lora_embedding_B.T``, ``lora_B = lora_embedding_A.T``); our embedding adapter
+  already acts on the head."""
+  embeds = [e for e in modules.values() if e.get("kind") == "embedding"]
+  for name in [n for n in modules if n not in candidates]:
+    e = modules[name]
+    if e.get("kind") == "linear" and "A" in e and "magnitude" not in e and any(
+        e["A"].shape == m["B"].T.shape and np.array_equal(e["A"], m["B"].T)
+        and np.array_equal(e["B"], m["A"].T) for m in embeds):
+      del modules[name]

@@ -5,6 +5,7 @@ PEFT's. Refusals: DVoRA, grouped convs, ambiguous kernels, tied embeddings, VeRA
 without projections."""
 
 import copy
+import json
 import warnings
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import dora_jax
 from dora_jax import peft_format as pf
@@ -123,6 +125,9 @@ def test_grouped_conv_refused(tmp_path):
                                            kind="grouped_conv")}
   with pytest.raises(ValueError, match="grouped conv.*merged"):
     pf.export_peft(tmp_path, adapters, cfg, params=params, layouts=grouped)
+  other = {"conv": dora_jax.KernelLayout(0, 3, kind="conv_transpose")}
+  with pytest.raises(ValueError, match="conv_transpose layer, which has no PEFT tensor layout"):
+    pf.export_peft(tmp_path, adapters, cfg, params=params, layouts=other)
   # A grouped conv saved by PEFT (lora_B grouped: [C_out, r / groups, 1, 1]) is refused too.
   tm = torch.nn.Sequential()
   tm.conv = torch.nn.Conv2d(4, 4, 3, groups=2)
@@ -182,17 +187,21 @@ def test_embedding_export_loads_in_peft_with_equal_outputs(tmp_path, use_dora):
     np.testing.assert_allclose(back["embed"][leaf], adapters["embed"][leaf], rtol=1e-6)
 
 
-def test_tied_embedding_export_refused(tmp_path):
+def test_tied_embedding_flags(tmp_path):
   model, ids = FlaxEmbed(tied=True), jnp.asarray([[1, 4, 9]])
   params = model.init(jax.random.key(0), ids)["params"]
   assert "lm_head" not in params
   cfg = dora_jax.LoraConfig(r=2, target_modules=["embed"], init_lora_weights=False)
   adapters = dora_jax.init_adapters(jax.random.key(1), params, cfg)
-  with pytest.raises(ValueError, match="also uses as its LM head.*merged weights"):
-    pf.export_peft(tmp_path, adapters, cfg, params=params)
-  assert not (tmp_path / "adapter_model.safetensors").exists()
-  pf.export_peft(tmp_path, adapters, cfg, params=params, tied_embeddings=False)  # caller's word
-  assert (tmp_path / "adapter_model.safetensors").exists()
+  pf.export_peft(tmp_path / "t", adapters, cfg, params=params)  # tied: the head gets PEFT's tied copy
+  sd = load_file(tmp_path / "t" / "adapter_model.safetensors")
+  np.testing.assert_array_equal(sd["base_model.model.lm_head.lora_A.weight"], adapters["embed"]["lora_b"])
+  np.testing.assert_array_equal(sd["base_model.model.lm_head.lora_B.weight"], adapters["embed"]["lora_a"])
+  tied_cfg = json.loads((tmp_path / "t" / "adapter_config.json").read_text())
+  assert tied_cfg["ensure_weight_tying"] is True and tied_cfg["target_modules"] == ["embed"]
+  pf.export_peft(tmp_path / "u", adapters, cfg, params=params, tied_embeddings=False)  # caller's word
+  assert not any("lm_head" in k for k in load_file(tmp_path / "u" / "adapter_model.safetensors"))
+  assert "ensure_weight_tying" not in json.loads((tmp_path / "u" / "adapter_config.json").read_text())
 
 
 # ---------------------------------------------------------------------------
@@ -285,3 +294,51 @@ def test_dvora_peft_export_refused(tmp_path):
   with pytest.raises(ValueError, match="DVoRA"):
     pf.peft_state_dict(ad, params=params)
   assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------
+# Tied embeddings on a Llama (transformers): PEFT's ensure_weight_tying is our semantics
+
+
+def test_tied_embedding_lora_export_matches_peft_tied_dora_refused(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from dora_jax.models import hf
+  from dora_jax.models.llama import Llama
+
+  torch.manual_seed(0)
+  tm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)).eval()
+  tm.save_pretrained(str(tmp_path / "base"))
+  config, params = hf.load_pretrained(tmp_path / "base")
+  ids = np.asarray([[1, 5, 9, 3, 15]])
+  cfg = dora_jax.LoraConfig(r=2, lora_alpha=4.0, target_modules=["embed_tokens", "q_proj"],
+                            init_lora_weights=False)
+  adapters = dora_jax.init_adapters(jax.random.key(3), params, cfg)
+  pf.export_peft(tmp_path / "a", adapters, cfg, params=params, task_type="CAUSAL_LM")
+  pm = load_peft(tm, tmp_path / "a")
+  with torch.no_grad():
+    got = pm(torch.from_numpy(ids)).logits.numpy()
+    base = tm(torch.from_numpy(ids)).logits.numpy()
+  ours = dora_jax.wrap(Llama(config).apply, cfg)(params, adapters, jnp.asarray(ids, jnp.int32))
+  np.testing.assert_allclose(got, ours, rtol=1e-5, atol=1e-5)
+  assert np.abs(got - base).max() > 1e-2
+  # Without ensure_weight_tying PEFT adapts the lookup only: the export would be unfaithful.
+  plain = dora_jax.LoraConfig(r=2, lora_alpha=4.0, target_modules=["q_proj"], init_lora_weights=False)
+  assert np.abs(got - np.asarray(dora_jax.wrap(Llama(config).apply, plain)(
+      params, {"model": {"layers_0": adapters["model"]["layers_0"]}},
+      jnp.asarray(ids, jnp.int32)))).max() > 1e-2  # the embedding's adapter acts in the head too
+  # PEFT's own save (with the head's tied copy) imports back.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    pm.save_pretrained(str(tmp_path / "peft"))
+    back, _ = pf.import_peft(tmp_path / "peft", params)
+  for leaf in ("lora_a", "lora_b"):
+    np.testing.assert_allclose(back["model"]["embed_tokens"][leaf],
+                               adapters["model"]["embed_tokens"][leaf], rtol=1e-6)
+  assert "lm_head" not in back
+
+  dcfg = dora_jax.LoraConfig(r=2, target_modules=["embed_tokens"], use_dora=True)
+  dad = dora_jax.init_adapters(jax.random.key(3), params, dcfg)
+  with pytest.raises(ValueError, match="DoRA on an embedding that the model also uses as its LM head"):
+    pf.export_peft(tmp_path / "d", dad, dcfg, params=params)
