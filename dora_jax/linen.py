@@ -14,8 +14,13 @@ rescaled). ``wrap(..., dora_path=...)`` picks how DoRA layers run in training:
 ``"custom_vjp"`` (default: a backward that keeps ``y`` instead of ``u``),
 ``"factored"`` (autodiff) or ``"merged"`` (materialize ``W'``); see
 :mod:`dora_jax.variants.dora`. The per-layer math is :func:`dora_jax.variants.output`,
-the same function the NNX front-end calls. Other adapted modules (``nn.Conv``, ``nn.Embed``, ``DenseGeneral``
-with ``batch_dims``, batched ``Einsum``) run on the merged weight ``W'``.
+the same function the NNX front-end calls. ``nn.Conv`` (ungrouped, unmasked) and
+``nn.Embed`` lookups run factored too, with PEFT's Conv / Embedding LoRA forms
+(:class:`~dora_jax.projection.ConvProjection`, :class:`~dora_jax.projection.EmbedProjection`;
+autodiff, adapter dropout on the conv input, none on embedding ids as in PEFT). The
+others (``nn.ConvTranspose``, grouped or masked ``nn.Conv``, ``Embed.attend``,
+``DenseGeneral`` with ``batch_dims``, batched ``Einsum``) run on the merged weight ``W'``,
+where adapter dropout cannot apply (logged once per type).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dora_jax import core
 from dora_jax import quant
 from dora_jax import tree as tree_lib
 from dora_jax import variants
-from dora_jax.projection import Projection, einsum_kernel_axes
+from dora_jax.projection import ConvProjection, EmbedProjection, Projection, einsum_kernel_axes
 from dora_jax.variants import dora
 
 Array = jax.Array
@@ -52,7 +57,7 @@ def _say_merged_once(kind: str, why: str) -> None:
     _said_merged.add(kind)
     logger.warning(
         "dora_jax: %s modules run on the merged weight W' (%s); the factored path"
-        " covers Dense, DenseGeneral and Einsum.", kind, why)
+        " covers Dense, DenseGeneral, Einsum, Conv (ungrouped) and Embed lookups.", kind, why)
 
 
 def say_once(key: str, message: str) -> None:
@@ -247,7 +252,55 @@ def _factored_call(module, next_fun, context, args, kwargs, config, shared, inpu
                          w0_norm_sq=_cached_norm(module, o_dim))
 
 
-def _merged_call(module, context, args, kwargs, config, shared, chosen: bool = False) -> Any:
+def conv_fn(module: nn.Conv) -> Callable[[Array, Array], Array]:
+  """``conv(x, kernel)``: ``module``'s convolution (strides, padding, dilation, dtype)
+  without bias, for a kernel ``[*window, C_in, n]`` of any ``n`` output channels."""
+  base = module.clone(parent=None, use_bias=False, mask=None)
+
+  def conv(x, kernel):
+    return base.clone(features=kernel.shape[-1]).apply({"params": {"kernel": kernel}}, x)
+
+  return conv
+
+
+def factorable_conv(module: Any) -> bool:
+  """Whether a Linen or NNX Conv has a factored adapter forward (ungrouped, unmasked)."""
+  return module.feature_group_count == 1 and module.mask is None
+
+
+def _conv_or_embed_call(module, next_fun, context, args, kwargs, config, shared,
+                        dropout_on: bool) -> Array:
+  """PEFT's Conv / Embedding LoRA (and DoRA) forward from the module's own output ``y0``."""
+  ad = _adapter_of(module)
+  is_embed = isinstance(module, nn.Embed)
+  key = "embedding" if is_embed else "kernel"
+  w = _own_params(module, ad)[key]
+  layout = tree_lib.layout_from_adapter(_where(module), tuple(w.shape), ad)
+  i_dim, o_dim = layout.matrix_shape(tuple(w.shape))
+  if layout.inputs != w.ndim - 1:
+    raise ValueError(
+        f"Adapter at '{_where(module)}' ({ {k: tuple(v.shape) for k, v in ad.items()} }) does"
+        f" not fit its {type(module).__name__} kernel {w.shape} as [{i_dim}, {o_dim}]."
+        " Build the adapters with layouts=dora_jax.kernel_layouts(model, *example_inputs).")
+  x = args[0] if args else kwargs["inputs"]
+  y0 = _base_call(module, next_fun, context, args, kwargs, ad)
+  if is_embed:
+    proj = EmbedProjection(*w.shape)
+    if dropout_on:
+      say_once("dropout-embed", f"lora_dropout={config.adapter_dropout} is not applied to"
+               " nn.Embed lookups (integer ids), as in PEFT's Embedding LoRA.")
+    dropout_on, x_in = False, x
+  else:
+    proj = ConvProjection(conv_fn(module), tuple(w.shape))
+    x_in = _dropout(x, config.adapter_dropout, module.make_rng("dropout")) if dropout_on else x
+  bias = None if is_embed or not module.use_bias else _own_params(module, ad)["bias"]
+  return variants.output(proj, y0, x_in, w.reshape(i_dim, o_dim), ad, config, shared=shared,
+                         bias=bias, dropped=dropout_on, path="factored",
+                         w0_norm_sq=_cached_norm(module, o_dim))
+
+
+def _merged_call(module, context, args, kwargs, config, shared, chosen: bool = False,
+                 dropout_on: bool = False) -> Any:
   key = "embedding" if isinstance(module, nn.Embed) else "kernel"
   ad = _adapter_of(module)
   own = _own_params(module, ad)
@@ -258,6 +311,11 @@ def _merged_call(module, context, args, kwargs, config, shared, chosen: bool = F
   own[key] = merged.reshape(w.shape)
   if not chosen:
     _say_merged_once(type(module).__name__, "no factored forward for this layer type")
+  if dropout_on:
+    say_once(f"dropout-merged-{type(module).__name__}",
+             f"lora_dropout={config.adapter_dropout} is NOT applied to {type(module).__name__}"
+             f" modules (e.g. '{_where(module)}'): they run on the merged weight W', which cannot"
+             " drop the adapter's input only.")
   return module.clone(parent=None).apply({"params": own}, *args, method=context.method_name, **kwargs)
 
 
@@ -279,7 +337,10 @@ def _interceptor(config, dora_path: str, shared, next_fun, args, kwargs, context
     if inputs is not None:
       return _factored_call(module, next_fun, context, args, kwargs, config, shared, inputs,
                             dropout_on, dora_path)
-  return _merged_call(module, context, args, kwargs, config, shared)
+  if context.method_name == "__call__" and (
+      isinstance(module, nn.Embed) or (isinstance(module, nn.Conv) and factorable_conv(module))):
+    return _conv_or_embed_call(module, next_fun, context, args, kwargs, config, shared, dropout_on)
+  return _merged_call(module, context, args, kwargs, config, shared, dropout_on=dropout_on)
 
 
 def base_norms(params, adapters: Mapping) -> dict:
