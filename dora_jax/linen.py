@@ -319,7 +319,8 @@ def _merged_call(module, context, args, kwargs, config, shared, chosen: bool = F
   return module.clone(parent=None).apply({"params": own}, *args, method=context.method_name, **kwargs)
 
 
-def _interceptor(config, dora_path: str, shared, next_fun, args, kwargs, context):
+def _interceptor(config, dora_path: str, shared, dropout_active: bool, next_fun, args, kwargs,
+                 context):
   module = context.module
   marker = variants.config_variant(config).marker
   if (context.method_name not in ("__call__", "attend")
@@ -327,7 +328,8 @@ def _interceptor(config, dora_path: str, shared, next_fun, args, kwargs, context
     return next_fun(*args, **kwargs)
   if not module.has_variable("params", marker):
     return _base_call(module, next_fun, context, args, kwargs, {})
-  dropout_on = config.adapter_dropout > 0.0 and module.scope.has_rng("dropout")
+  dropout_on = (dropout_active and config.adapter_dropout > 0.0
+                and module.scope.has_rng("dropout"))
   is_dora = module.has_variable("params", variants.MAGNITUDE)
   if dora_path == "merged" and is_dora and not dropout_on:
     return _merged_call(module, context, args, kwargs, config, shared, chosen=True)
@@ -382,6 +384,33 @@ def _insert_norms(params: Mapping, norms: Mapping) -> dict:
   return out
 
 
+MODE_KWARGS = {"deterministic": False, "train": True, "training": True, "is_training": True}
+"""Model-call keywords the adapter dropout follows: name -> the value meaning 'train'."""
+
+
+def adapter_dropout_active(adapter_dropout: bool | None, rngs: Any, kwargs: Mapping) -> bool:
+  """Whether the adapter dropout runs in one ``apply`` call (the rule of :func:`wrap`).
+
+  ``adapter_dropout`` ``True``/``False`` decides; ``None`` follows the model's own call:
+  a Python-bool ``deterministic=`` (``train=``, ``training=``, ``is_training=``) keyword
+  passed to the model decides (``deterministic=True`` → off), and without one the dropout
+  runs when ``rngs`` has a ``"dropout"`` key (Flax's convention).
+
+  Raises:
+    ValueError: ``adapter_dropout=True`` without a ``"dropout"`` rng.
+  """
+  has_rng = isinstance(rngs, Mapping) and "dropout" in rngs
+  if adapter_dropout is not None:
+    if adapter_dropout and not has_rng:
+      raise ValueError("adapter_dropout=True needs a dropout key: pass rngs={'dropout': key}.")
+    return bool(adapter_dropout)
+  for name, train_value in MODE_KWARGS.items():
+    value = kwargs.get(name)
+    if isinstance(value, bool):
+      return has_rng and value == train_value
+  return has_rng
+
+
 def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH) -> Callable:
   """Runs a Linen model's ``apply`` with adapters.
 
@@ -410,13 +439,17 @@ def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH)
       fit the params or were made with another method or DoRA switch.
 
   Returns:
-    ``apply(params, adapters, *args, rngs=None, base_norms=None, **kwargs)``. ``params`` is the
+    ``apply(params, adapters, *args, rngs=None, base_norms=None, adapter_dropout=None, **kwargs)``. ``params`` is the
     ``params`` collection, or a full variables dict with a ``"params"`` key
     (other collections such as ``batch_stats`` or a ``cache`` are passed through;
     ``mutable=`` is forwarded to ``apply_fn``).
     ``base_norms`` (optional, from :func:`base_norms`) caches ``||W0||²_c``.
-    The adapter dropout is active when ``rngs`` has a ``"dropout"`` key, as Flax's
-    own dropout conventions go.
+    ``adapter_dropout`` (optional ``bool``) switches the adapter dropout for the call;
+    by default (``None``) it follows the model: a ``deterministic=`` / ``train=`` (or
+    ``training=``, ``is_training=``) Python bool passed to the model decides, else it is
+    active when ``rngs`` has a ``"dropout"`` key, as Flax's own dropout conventions go
+    (:func:`adapter_dropout_active`). It applies to Dense, DenseGeneral, Einsum and Conv
+    inputs; never to Embed ids (as PEFT); layers on the merged weight cannot apply it (logged).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, dora_jax
@@ -437,7 +470,7 @@ def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH)
     raise ValueError(f"dora_path must be one of {list(dora.PATHS)}, got {dora_path!r}.")
   variants.config_variant(config)
 
-  def apply(params, adapters, *args, rngs=None, base_norms=None, **kwargs):
+  def apply(params, adapters, *args, rngs=None, base_norms=None, adapter_dropout=None, **kwargs):
     if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping):
       variables = dict(params)
     else:
@@ -447,7 +480,8 @@ def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH)
     variables["params"] = tree_lib.combine(variables["params"], adapters)
     if base_norms is not None:
       variables["params"] = _insert_norms(variables["params"], base_norms)
-    with nn.intercept_methods(functools.partial(_interceptor, config, dora_path, shared)):
+    active = adapter_dropout_active(adapter_dropout, rngs, kwargs)
+    with nn.intercept_methods(functools.partial(_interceptor, config, dora_path, shared, active)):
       return apply_fn(variables, *args, rngs=rngs, **kwargs)
 
   return apply

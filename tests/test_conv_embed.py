@@ -218,3 +218,33 @@ def test_merged_fallback_says_dropout_is_not_applied(caplog):
   assert "lora_dropout=0.5 is NOT applied to ConvTranspose" in caplog.text
   np.testing.assert_allclose(y, model.apply({"params": dora_jax.merge(params, ad, cfg)}, x),
                              rtol=1e-5, atol=1e-5)
+
+
+class ModeNet(nn.Module):
+  """A Linen model with Flax's own `deterministic` convention."""
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    h = nn.Dropout(self.rate)(nn.Dense(6, name="up")(x), deterministic=deterministic)
+    return nn.Dense(3, name="down")(h)
+
+
+def test_linen_adapter_dropout_follows_model_mode():
+  model, x = ModeNet(), jnp.asarray(rand(5, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  cfg = dora_jax.LoraConfig(r=2, target_modules=["up", "down"], use_dora=True,
+                            init_lora_weights=False, lora_dropout=0.5)
+  ad = dora_jax.init_adapters(jax.random.key(1), params, cfg)
+  f = dora_jax.wrap(model.apply, cfg)
+  det = f(params, ad, x)
+  r1, r2 = {"dropout": jax.random.key(1)}, {"dropout": jax.random.key(2)}
+  # The model's deterministic=True switches the adapter dropout off, rng or not.
+  np.testing.assert_array_equal(f(params, ad, x, rngs=r1, deterministic=True), det)
+  np.testing.assert_array_equal(
+      f(params, ad, x, rngs=r1, deterministic=False, adapter_dropout=False), det)
+  assert not np.allclose(f(params, ad, x, rngs=r1, deterministic=False),
+                         f(params, ad, x, rngs=r2, deterministic=False))
+  assert not np.allclose(f(params, ad, x, rngs=r1, adapter_dropout=True), det)
+  with pytest.raises(ValueError, match="adapter_dropout=True needs a dropout key"):
+    f(params, ad, x, adapter_dropout=True)
