@@ -328,6 +328,7 @@ def _interceptor(config, dora_path: str, shared, dropout_active: bool, next_fun,
     return next_fun(*args, **kwargs)
   if not module.has_variable("params", marker):
     return _base_call(module, next_fun, context, args, kwargs, {})
+  config = variants.module_config(config, _where(module))  # rank_pattern / alpha_pattern
   dropout_on = (dropout_active and config.adapter_dropout > 0.0
                 and module.scope.has_rng("dropout"))
   is_dora = module.has_variable("params", variants.MAGNITUDE)

@@ -483,7 +483,7 @@ def apply_adapters(
   made = _init_matrix_adapters(key, {_path_str(p): kernel_matrix(m) for p, m in chosen}, config)
   shared = {k: FrozenAdapter(v) for k, v in made[variants.SHARED_KEY].items()}
   for p, m in chosen:
-    wrapper = AdaptedLinear(m, config, rngs=rngs, adapter=made[_path_str(p)], shared=shared,
+    wrapper = AdaptedLinear(m, variants.module_config(config, _path_str(p)), rngs=rngs, adapter=made[_path_str(p)], shared=shared,
                             deterministic=deterministic, dora_path=dora_path)
     model = _replace(model, p, wrapper)
   return model
