@@ -21,6 +21,8 @@ from dora_jax.linen import kernel_layouts, wrap
 from dora_jax.optim import (
     adapter_labels,
     freeze_base,
+    loraplus,
+    loraplus_labels,
     make_train_step,
     trainable_mask,
     weight_decay_mask,
@@ -47,6 +49,7 @@ __all__ = [
     "column_norm", "factored_column_norm", "merge_kernel", "unmerge_kernel",
     "decompose_kernel", "decomposition_shift",
     "adapter_labels", "trainable_mask", "weight_decay_mask", "freeze_base", "make_train_step",
+    "loraplus", "loraplus_labels",
 ]
 
 from dora_jax.checkpoint import (

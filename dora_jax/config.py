@@ -7,7 +7,7 @@ import json
 import math
 import numbers
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 
@@ -39,6 +39,12 @@ class LoraConfig:
       ``A`` and ``B``: the adapted model differs from the base; for tests).
     adapter_dtype: dtype of the adapter parameters (``float32`` by default,
       whatever the base dtype).
+    rank_pattern: PEFT's per-module ranks ``{pattern: r}``; a module whose ``/``-joined
+      path matches ``(.*/)?(pattern)`` in full (PEFT's ``(.*\.)?(key)$``; a ``.`` in a PEFT
+      key matches the ``/``) gets that ``r``; the first matching key wins (PEFT's
+      ``get_pattern_key``). Stored as a tuple of pairs (hashable); :meth:`to_dict` gives a dict.
+    alpha_pattern: PEFT's per-module ``lora_alpha`` ``{pattern: alpha}``, same matching.
+      A module's scale is its ``alpha / r`` (:meth:`for_module`).
   """
 
   r: int = 8
@@ -50,6 +56,8 @@ class LoraConfig:
   use_rslora: bool = False
   init_lora_weights: bool | str = True
   adapter_dtype: Any = jnp.float32
+  rank_pattern: Any = ()
+  alpha_pattern: Any = ()
 
   def __post_init__(self):
     """Checks every field; numpy scalars (``np.int64(4)``) become Python numbers.
@@ -73,6 +81,8 @@ class LoraConfig:
           f" 'gaussian' or False, got {self.init_lora_weights!r}."
       )
     _check_targets(self)
+    for name, check in (("rank_pattern", _positive_int), ("alpha_pattern", _finite_number)):
+      object.__setattr__(self, name, _pattern_pairs(name, getattr(self, name), check))
 
   @property
   def variant(self):
@@ -91,9 +101,22 @@ class LoraConfig:
       return self.lora_alpha / math.sqrt(self.r)
     return self.lora_alpha / self.r
 
+  def for_module(self, path: str) -> "LoraConfig":
+    """The config of the module at ``path`` (``/``-joined): ``r`` and ``lora_alpha`` from
+    :attr:`rank_pattern` / :attr:`alpha_pattern` where a key matches (PEFT's
+    ``LoraModel._create_and_replace``), the patterns emptied; ``self`` without patterns."""
+    if not self.rank_pattern and not self.alpha_pattern:
+      return self
+    return dataclasses.replace(
+        self, r=_pattern_value(self.rank_pattern, path, self.r),
+        lora_alpha=_pattern_value(self.alpha_pattern, path, self.lora_alpha),
+        rank_pattern=(), alpha_pattern=())
+
   def to_dict(self) -> dict[str, Any]:
     """A JSON-friendly dict (the adapter dtype as its name)."""
-    return _to_dict(self)
+    d = _to_dict(self)
+    d["rank_pattern"], d["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
+    return d
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
@@ -173,6 +196,53 @@ class VeraConfig:
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _positive_int(v) -> int | None:
+  ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+  return int(v) if ok else None
+
+
+def _finite_number(v) -> float | None:
+  ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+  return (v if isinstance(v, (int, float)) else float(v)) if ok else None
+
+
+def _pattern_pairs(name: str, value, check) -> tuple[tuple[str, Any], ...]:
+  """``{pattern: value}`` (or pairs) as a hashable tuple of pairs, each checked.
+
+  Raises:
+    ValueError: for a non-mapping, a bad regex key or a bad value, naming it.
+  """
+  if value is None:
+    return ()
+  items = value.items() if isinstance(value, Mapping) else value
+  try:
+    pairs = [(k, v) for k, v in items]
+  except (TypeError, ValueError):
+    raise ValueError(f"LoraConfig.{name} must be a dict {{module pattern: value}}, got {value!r}.") from None
+  out = []
+  for k, v in pairs:
+    if not isinstance(k, str):
+      raise ValueError(f"LoraConfig.{name} keys must be module-name patterns (str), got {k!r}.")
+    try:
+      re.compile(k)
+    except re.error as e:
+      raise ValueError(f"LoraConfig.{name} key {k!r} is not a valid regex ({e}).") from None
+    checked = check(v)
+    if checked is None:
+      what = "a positive integer rank" if name == "rank_pattern" else "a finite lora_alpha"
+      raise ValueError(f"LoraConfig.{name}[{k!r}] must be {what}, got {v!r}.")
+    out.append((k, checked))
+  return tuple(out)
+
+
+def _pattern_value(pairs, path: str, default):
+  """The value of the first key of ``pairs`` matching ``path`` as PEFT matches module names."""
+  for key, value in pairs:
+    if re.fullmatch(rf"(.*/)?(?:{key})", path):
+      return value
+  return default
 
 
 def _check_rank(config) -> None:

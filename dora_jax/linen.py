@@ -14,8 +14,13 @@ rescaled). ``wrap(..., dora_path=...)`` picks how DoRA layers run in training:
 ``"custom_vjp"`` (default: a backward that keeps ``y`` instead of ``u``),
 ``"factored"`` (autodiff) or ``"merged"`` (materialize ``W'``); see
 :mod:`dora_jax.variants.dora`. The per-layer math is :func:`dora_jax.variants.output`,
-the same function the NNX front-end calls. Other adapted modules (``nn.Conv``, ``nn.Embed``, ``DenseGeneral``
-with ``batch_dims``, batched ``Einsum``) run on the merged weight ``W'``.
+the same function the NNX front-end calls. ``nn.Conv`` (ungrouped, unmasked) and
+``nn.Embed`` lookups run factored too, with PEFT's Conv / Embedding LoRA forms
+(:class:`~dora_jax.projection.ConvProjection`, :class:`~dora_jax.projection.EmbedProjection`;
+autodiff, adapter dropout on the conv input, none on embedding ids as in PEFT). The
+others (``nn.ConvTranspose``, grouped or masked ``nn.Conv``, ``Embed.attend``,
+``DenseGeneral`` with ``batch_dims``, batched ``Einsum``) run on the merged weight ``W'``,
+where adapter dropout cannot apply (logged once per type).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dora_jax import core
 from dora_jax import quant
 from dora_jax import tree as tree_lib
 from dora_jax import variants
-from dora_jax.projection import Projection, einsum_kernel_axes
+from dora_jax.projection import ConvProjection, EmbedProjection, Projection, einsum_kernel_axes
 from dora_jax.variants import dora
 
 Array = jax.Array
@@ -52,7 +57,7 @@ def _say_merged_once(kind: str, why: str) -> None:
     _said_merged.add(kind)
     logger.warning(
         "dora_jax: %s modules run on the merged weight W' (%s); the factored path"
-        " covers Dense, DenseGeneral and Einsum.", kind, why)
+        " covers Dense, DenseGeneral, Einsum, Conv (ungrouped) and Embed lookups.", kind, why)
 
 
 def say_once(key: str, message: str) -> None:
@@ -247,7 +252,55 @@ def _factored_call(module, next_fun, context, args, kwargs, config, shared, inpu
                          w0_norm_sq=_cached_norm(module, o_dim))
 
 
-def _merged_call(module, context, args, kwargs, config, shared, chosen: bool = False) -> Any:
+def conv_fn(module: nn.Conv) -> Callable[[Array, Array], Array]:
+  """``conv(x, kernel)``: ``module``'s convolution (strides, padding, dilation, dtype)
+  without bias, for a kernel ``[*window, C_in, n]`` of any ``n`` output channels."""
+  base = module.clone(parent=None, use_bias=False, mask=None)
+
+  def conv(x, kernel):
+    return base.clone(features=kernel.shape[-1]).apply({"params": {"kernel": kernel}}, x)
+
+  return conv
+
+
+def factorable_conv(module: Any) -> bool:
+  """Whether a Linen or NNX Conv has a factored adapter forward (ungrouped, unmasked)."""
+  return module.feature_group_count == 1 and module.mask is None
+
+
+def _conv_or_embed_call(module, next_fun, context, args, kwargs, config, shared,
+                        dropout_on: bool) -> Array:
+  """PEFT's Conv / Embedding LoRA (and DoRA) forward from the module's own output ``y0``."""
+  ad = _adapter_of(module)
+  is_embed = isinstance(module, nn.Embed)
+  key = "embedding" if is_embed else "kernel"
+  w = _own_params(module, ad)[key]
+  layout = tree_lib.layout_from_adapter(_where(module), tuple(w.shape), ad)
+  i_dim, o_dim = layout.matrix_shape(tuple(w.shape))
+  if layout.inputs != w.ndim - 1:
+    raise ValueError(
+        f"Adapter at '{_where(module)}' ({ {k: tuple(v.shape) for k, v in ad.items()} }) does"
+        f" not fit its {type(module).__name__} kernel {w.shape} as [{i_dim}, {o_dim}]."
+        " Build the adapters with layouts=dora_jax.kernel_layouts(model, *example_inputs).")
+  x = args[0] if args else kwargs["inputs"]
+  y0 = _base_call(module, next_fun, context, args, kwargs, ad)
+  if is_embed:
+    proj = EmbedProjection(*w.shape)
+    if dropout_on:
+      say_once("dropout-embed", f"lora_dropout={config.adapter_dropout} is not applied to"
+               " nn.Embed lookups (integer ids), as in PEFT's Embedding LoRA.")
+    dropout_on, x_in = False, x
+  else:
+    proj = ConvProjection(conv_fn(module), tuple(w.shape))
+    x_in = _dropout(x, config.adapter_dropout, module.make_rng("dropout")) if dropout_on else x
+  bias = None if is_embed or not module.use_bias else _own_params(module, ad)["bias"]
+  return variants.output(proj, y0, x_in, w.reshape(i_dim, o_dim), ad, config, shared=shared,
+                         bias=bias, dropped=dropout_on, path="factored",
+                         w0_norm_sq=_cached_norm(module, o_dim))
+
+
+def _merged_call(module, context, args, kwargs, config, shared, chosen: bool = False,
+                 dropout_on: bool = False) -> Any:
   key = "embedding" if isinstance(module, nn.Embed) else "kernel"
   ad = _adapter_of(module)
   own = _own_params(module, ad)
@@ -258,10 +311,16 @@ def _merged_call(module, context, args, kwargs, config, shared, chosen: bool = F
   own[key] = merged.reshape(w.shape)
   if not chosen:
     _say_merged_once(type(module).__name__, "no factored forward for this layer type")
+  if dropout_on:
+    say_once(f"dropout-merged-{type(module).__name__}",
+             f"lora_dropout={config.adapter_dropout} is NOT applied to {type(module).__name__}"
+             f" modules (e.g. '{_where(module)}'): they run on the merged weight W', which cannot"
+             " drop the adapter's input only.")
   return module.clone(parent=None).apply({"params": own}, *args, method=context.method_name, **kwargs)
 
 
-def _interceptor(config, dora_path: str, shared, next_fun, args, kwargs, context):
+def _interceptor(config, dora_path: str, shared, dropout_active: bool, next_fun, args, kwargs,
+                 context):
   module = context.module
   marker = variants.config_variant(config).marker
   if (context.method_name not in ("__call__", "attend")
@@ -269,7 +328,9 @@ def _interceptor(config, dora_path: str, shared, next_fun, args, kwargs, context
     return next_fun(*args, **kwargs)
   if not module.has_variable("params", marker):
     return _base_call(module, next_fun, context, args, kwargs, {})
-  dropout_on = config.adapter_dropout > 0.0 and module.scope.has_rng("dropout")
+  config = variants.module_config(config, _where(module))  # rank_pattern / alpha_pattern
+  dropout_on = (dropout_active and config.adapter_dropout > 0.0
+                and module.scope.has_rng("dropout"))
   is_dora = module.has_variable("params", variants.MAGNITUDE)
   if dora_path == "merged" and is_dora and not dropout_on:
     return _merged_call(module, context, args, kwargs, config, shared, chosen=True)
@@ -279,7 +340,10 @@ def _interceptor(config, dora_path: str, shared, next_fun, args, kwargs, context
     if inputs is not None:
       return _factored_call(module, next_fun, context, args, kwargs, config, shared, inputs,
                             dropout_on, dora_path)
-  return _merged_call(module, context, args, kwargs, config, shared)
+  if context.method_name == "__call__" and (
+      isinstance(module, nn.Embed) or (isinstance(module, nn.Conv) and factorable_conv(module))):
+    return _conv_or_embed_call(module, next_fun, context, args, kwargs, config, shared, dropout_on)
+  return _merged_call(module, context, args, kwargs, config, shared, dropout_on=dropout_on)
 
 
 def base_norms(params, adapters: Mapping) -> dict:
@@ -321,6 +385,33 @@ def _insert_norms(params: Mapping, norms: Mapping) -> dict:
   return out
 
 
+MODE_KWARGS = {"deterministic": False, "train": True, "training": True, "is_training": True}
+"""Model-call keywords the adapter dropout follows: name -> the value meaning 'train'."""
+
+
+def adapter_dropout_active(adapter_dropout: bool | None, rngs: Any, kwargs: Mapping) -> bool:
+  """Whether the adapter dropout runs in one ``apply`` call (the rule of :func:`wrap`).
+
+  ``adapter_dropout`` ``True``/``False`` decides; ``None`` follows the model's own call:
+  a Python-bool ``deterministic=`` (``train=``, ``training=``, ``is_training=``) keyword
+  passed to the model decides (``deterministic=True`` → off), and without one the dropout
+  runs when ``rngs`` has a ``"dropout"`` key (Flax's convention).
+
+  Raises:
+    ValueError: ``adapter_dropout=True`` without a ``"dropout"`` rng.
+  """
+  has_rng = isinstance(rngs, Mapping) and "dropout" in rngs
+  if adapter_dropout is not None:
+    if adapter_dropout and not has_rng:
+      raise ValueError("adapter_dropout=True needs a dropout key: pass rngs={'dropout': key}.")
+    return bool(adapter_dropout)
+  for name, train_value in MODE_KWARGS.items():
+    value = kwargs.get(name)
+    if isinstance(value, bool):
+      return has_rng and value == train_value
+  return has_rng
+
+
 def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH) -> Callable:
   """Runs a Linen model's ``apply`` with adapters.
 
@@ -349,13 +440,17 @@ def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH)
       fit the params or were made with another method or DoRA switch.
 
   Returns:
-    ``apply(params, adapters, *args, rngs=None, base_norms=None, **kwargs)``. ``params`` is the
+    ``apply(params, adapters, *args, rngs=None, base_norms=None, adapter_dropout=None, **kwargs)``. ``params`` is the
     ``params`` collection, or a full variables dict with a ``"params"`` key
     (other collections such as ``batch_stats`` or a ``cache`` are passed through;
     ``mutable=`` is forwarded to ``apply_fn``).
     ``base_norms`` (optional, from :func:`base_norms`) caches ``||W0||²_c``.
-    The adapter dropout is active when ``rngs`` has a ``"dropout"`` key, as Flax's
-    own dropout conventions go.
+    ``adapter_dropout`` (optional ``bool``) switches the adapter dropout for the call;
+    by default (``None``) it follows the model: a ``deterministic=`` / ``train=`` (or
+    ``training=``, ``is_training=``) Python bool passed to the model decides, else it is
+    active when ``rngs`` has a ``"dropout"`` key, as Flax's own dropout conventions go
+    (:func:`adapter_dropout_active`). It applies to Dense, DenseGeneral, Einsum and Conv
+    inputs; never to Embed ids (as PEFT); layers on the merged weight cannot apply it (logged).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, dora_jax
@@ -376,7 +471,7 @@ def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH)
     raise ValueError(f"dora_path must be one of {list(dora.PATHS)}, got {dora_path!r}.")
   variants.config_variant(config)
 
-  def apply(params, adapters, *args, rngs=None, base_norms=None, **kwargs):
+  def apply(params, adapters, *args, rngs=None, base_norms=None, adapter_dropout=None, **kwargs):
     if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping):
       variables = dict(params)
     else:
@@ -386,7 +481,8 @@ def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH)
     variables["params"] = tree_lib.combine(variables["params"], adapters)
     if base_norms is not None:
       variables["params"] = _insert_norms(variables["params"], base_norms)
-    with nn.intercept_methods(functools.partial(_interceptor, config, dora_path, shared)):
+    active = adapter_dropout_active(adapter_dropout, rngs, kwargs)
+    with nn.intercept_methods(functools.partial(_interceptor, config, dora_path, shared, active)):
       return apply_fn(variables, *args, rngs=rngs, **kwargs)
 
   return apply

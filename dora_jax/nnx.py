@@ -8,8 +8,8 @@ Module route (train in place, NNX style)::
     optimizer.update(model, grads)
     model = dora_jax.nnx.merge_adapters(model)   # plain nnx.Linear / ... with W'
 
-:func:`apply_adapters` replaces each targeted ``nnx.Linear``, ``nnx.LinearGeneral``
-and ``nnx.Einsum`` by an :class:`AdaptedLinear` that keeps the original module as
+:func:`apply_adapters` replaces each targeted ``nnx.Linear``, ``nnx.LinearGeneral``,
+``nnx.Einsum``, ``nnx.Conv`` (ungrouped) and ``nnx.Embed`` by an :class:`AdaptedLinear` that keeps the original module as
 ``base_layer`` (its ``kernel`` and ``bias`` stay ``nnx.Param``) and holds
 ``lora_a [I, r]``, ``lora_b [r, O]`` and, for DoRA, ``magnitude [O]`` as
 :class:`Adapter` variables: ``nnx.state(model, Adapter)`` and
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import logging
 import math
 import re
 from typing import Any, Mapping, Sequence
@@ -52,14 +53,25 @@ from dora_jax import core
 from dora_jax import tree as tree_lib
 from dora_jax import variants
 from dora_jax.config import LoraConfig
-from dora_jax.projection import Projection, einsum_kernel_axes
+from dora_jax.projection import ConvProjection, EmbedProjection, Projection, einsum_kernel_axes
 from dora_jax.variants import dora
 
 Array = jax.Array
 _F32 = jnp.float32
 
-SUPPORTED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
-"""Module types :func:`apply_adapters` wraps."""
+SUPPORTED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
+"""Module types :func:`apply_adapters` wraps (``nnx.Conv`` ungrouped and unmasked)."""
+
+_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
+
+_said: set[str] = set()
+
+
+def _say_once(key: str, message: str) -> None:
+  if key not in _said:
+    _said.add(key)
+    logging.getLogger("dora_jax").warning("dora_jax: %s", message)
 
 
 class Adapter(nnx.Variable):
@@ -91,9 +103,17 @@ def _kernel_perm(module: nnx.Module) -> tuple[int, ...] | None:
   return None if perm == tuple(range(len(perm))) else perm
 
 
+def _weight(module: nnx.Module) -> nnx.Variable:
+  """The module's base weight: ``embedding`` of an ``nnx.Embed``, else ``kernel``."""
+  return module.embedding if isinstance(module, nnx.Embed) else module.kernel
+
+
 def _matrix_dims(module: nnx.Module) -> tuple[int, int]:
-  """``(I, O)`` of a supported module's kernel."""
-  shape = tuple(module.kernel.shape)
+  """``(I, O)`` of a supported module's kernel (a Conv's ``[*window, C_in, O]`` flattens to
+  ``I = prod(window)·C_in``; an Embed's ``[V, D]`` is ``[I, O]``)."""
+  shape = tuple(_weight(module).shape)
+  if isinstance(module, (nnx.Conv, nnx.Embed)):
+    return math.prod(shape[:-1]), shape[-1]
   if isinstance(module, nnx.Einsum):
     rhs, ins, outs = einsum_kernel_axes(module.einsum_str)
     size = dict(zip(rhs, shape))
@@ -105,8 +125,8 @@ def _matrix_dims(module: nnx.Module) -> tuple[int, int]:
 
 
 def kernel_matrix(module: nnx.Module) -> Array:
-  """The kernel of an ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` as ``W0: [I, O]``."""
-  w = module.kernel[...]
+  """The kernel (embedding) of a supported module as ``W0: [I, O]``."""
+  w = _weight(module)[...]
   perm = _kernel_perm(module)
   if perm is not None:
     w = jnp.transpose(w, perm)
@@ -115,7 +135,7 @@ def kernel_matrix(module: nnx.Module) -> Array:
 
 def kernel_from_matrix(module: nnx.Module, w_mat: Array) -> Array:
   """Inverse of :func:`kernel_matrix`: ``[I, O]`` back to the module's kernel shape."""
-  shape = tuple(module.kernel.shape)
+  shape = tuple(_weight(module).shape)
   perm = _kernel_perm(module)
   if perm is None:
     return w_mat.reshape(shape)
@@ -131,7 +151,8 @@ def check_supported(module: Any, path: str = "") -> None:
   if not isinstance(module, SUPPORTED_TYPES):
     raise ValueError(
         f"The module{where} is a {type(module).__module__}.{type(module).__name__}:"
-        " dora_jax.nnx adapts nnx.Linear, nnx.LinearGeneral and nnx.Einsum. Exclude it"
+        " dora_jax.nnx adapts nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv and"
+        " nnx.Embed. Exclude it"
         " (exclude_modules) or use the functional route (dora_jax.nnx.merged_state).")
   if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
     raise ValueError(
@@ -143,9 +164,34 @@ def check_supported(module: Any, path: str = "") -> None:
       einsum_kernel_axes(module.einsum_str)
     except ValueError as e:
       raise ValueError(f"The nnx.Einsum{where}: {e}") from None
+  if isinstance(module, nnx.Conv) and (module.feature_group_count != 1 or module.mask is not None):
+    raise ValueError(
+        f"The nnx.Conv{where} is grouped (feature_group_count={module.feature_group_count}) or"
+        " masked: PEFT's Conv LoRA has no factored form for it. Exclude it, or use the"
+        " functional route (dora_jax.nnx.merged_state).")
 
 
-def _projection(module: nnx.Module, x: Array, args, kwargs) -> Projection:
+def conv_fn(module: nnx.Conv):
+  """``conv(x, kernel)``: ``module``'s convolution without bias for a kernel of any output
+  width, as the Linen ``nn.Conv`` with the same settings (one implementation of the padding
+  and batch-axis rules: :func:`dora_jax.linen.conv_fn`)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from dora_jax import linen as dlinen  # pylint: disable=g-import-not-at-top
+  extra = {}
+  if module.conv_general_dilated is not jax.lax.conv_general_dilated:
+    extra["conv_general_dilated"] = module.conv_general_dilated
+  return dlinen.conv_fn(nn.Conv(
+      features=module.out_features, kernel_size=module.kernel_size, strides=module.strides,
+      padding=module.padding, input_dilation=module.input_dilation,
+      kernel_dilation=module.kernel_dilation, use_bias=False, dtype=module.dtype,
+      precision=module.precision, **extra))
+
+
+def _projection(module: nnx.Module, x: Array, args, kwargs):
+  if isinstance(module, nnx.Conv):
+    return ConvProjection(conv_fn(module), tuple(module.kernel.shape))
+  if isinstance(module, nnx.Embed):
+    return EmbedProjection(*module.embedding.shape)
   if isinstance(module, nnx.Einsum):
     eq = kwargs.get("einsum_str") or (args[0] if args else None) or module.einsum_str
     if eq != module.einsum_str and einsum_kernel_axes(eq) != einsum_kernel_axes(module.einsum_str):
@@ -279,11 +325,30 @@ class AdaptedLinear(nnx.Module):
     proj = _projection(base, x, args, kwargs)
     drop = self.lora_dropout
     dropped = drop is not None and not drop.deterministic
+    if dropped and isinstance(base, nnx.Embed):
+      _say_once("dropout-embed", f"lora_dropout={self.config.adapter_dropout} is not applied to"
+                " nnx.Embed lookups (integer ids), as in PEFT's Embedding LoRA.")
+      dropped = False
     x_in = drop(x) if dropped else x
+    bias = getattr(base, "bias", None)
     return variants.output(
         proj, y0, x_in, kernel_matrix(base), self.adapter(), self.config, shared=self.shared(),
-        bias=None if base.bias is None else base.bias[...], dropped=dropped,
+        bias=None if bias is None else bias[...], dropped=dropped,
         path=self.dora_path, w0_norm_sq=None if self.base_norm is None else self.base_norm[...])
+
+  def attend(self, query: Array) -> Array:
+    """An adapted ``nnx.Embed``'s ``attend`` (a tied head): ``query · W'ᵀ``, as the Linen
+    front-end runs ``Embed.attend`` on the merged weight.
+
+    Raises:
+      AttributeError: if the base module is not an ``nnx.Embed``.
+    """
+    base = self.base_layer
+    if not isinstance(base, nnx.Embed):
+      raise AttributeError(f"attend: the wrapped module is a {type(base).__name__}, not an nnx.Embed.")
+    query, embedding = base.promote_dtype((query, self.merged_kernel()), dtype=base.dtype,
+                                          inexact=True)
+    return jnp.dot(query, embedding.T)
 
   def merged_kernel(self) -> Array:
     """``W'`` in the base kernel's shape and dtype (:func:`dora_jax.variants.merge_kernel`)."""
@@ -342,7 +407,7 @@ def _candidates(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
 def _kind(module: Any) -> str:
   if isinstance(module, AdaptedLinear):
     return "adapted"  # "all-linear" skips it; naming it explicitly is an error (check_supported)
-  if isinstance(module, SUPPORTED_TYPES):
+  if isinstance(module, _LINEAR_TYPES):
     return "linear"
   if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
     return "conv"
@@ -365,8 +430,25 @@ def select_modules(model: nnx.Module, config: Any) -> list[tuple[tuple, nnx.Modu
   return [by_path[c] for c in chosen]
 
 
+def model_deterministic(model: nnx.Module) -> bool | None:
+  """The host model's train/eval mode, as ``model.train()`` / ``model.eval()`` set it.
+
+  ``True`` (eval) when every submodule with a boolean ``deterministic`` or
+  ``use_running_average`` attribute (``nnx.Dropout``, ``nnx.BatchNorm``,
+  ``nnx.MultiHeadAttention``, ...) has it ``True``; ``False`` when any has it ``False``;
+  ``None`` when the model has no such module (its mode leaves no trace).
+  """
+  flags = []
+  for _, m in nnx.iter_modules(model):
+    for attr in ("deterministic", "use_running_average"):
+      v = getattr(m, attr, None)
+      if isinstance(v, bool):
+        flags.append(v)
+  return all(flags) if flags else None
+
+
 def apply_adapters(
-    model: nnx.Module, config: Any, rngs: nnx.Rngs, *, deterministic: bool = False,
+    model: nnx.Module, config: Any, rngs: nnx.Rngs, *, deterministic: bool | None = None,
     dora_path: str = dora.DEFAULT_PATH,
 ) -> nnx.Module:
   """Wraps every module ``config`` targets in an :class:`AdaptedLinear`, in place.
@@ -377,7 +459,10 @@ def apply_adapters(
     rngs: ``rngs.params()`` draws one key ``k``; the adapters equal
       ``dora_jax.init_adapters(k, param_dict(model), config, layouts=kernel_layouts(model))``.
       The adapter dropouts fork ``rngs['dropout']``.
-    deterministic: initial dropout mode (``model.train()`` / ``model.eval()`` switch it).
+    deterministic: initial mode of the adapter dropouts; ``None`` (default) follows the
+      model (:func:`model_deterministic`: a model put in ``eval()`` gets deterministic
+      adapter dropouts; one without any mode-carrying module gets NNX's default, active).
+      Afterwards ``model.train()`` / ``model.eval()`` switch them with the model's own.
     dora_path: how DoRA layers run (:mod:`dora_jax.variants.dora`; default the lean
       ``"custom_vjp"``), as in :func:`dora_jax.wrap`.
 
@@ -392,11 +477,13 @@ def apply_adapters(
   chosen = select_modules(model, config)
   for p, m in chosen:
     check_supported(m, _path_str(p))
+  if deterministic is None:
+    deterministic = bool(model_deterministic(model))
   key = rngs.params()
   made = _init_matrix_adapters(key, {_path_str(p): kernel_matrix(m) for p, m in chosen}, config)
   shared = {k: FrozenAdapter(v) for k, v in made[variants.SHARED_KEY].items()}
   for p, m in chosen:
-    wrapper = AdaptedLinear(m, config, rngs=rngs, adapter=made[_path_str(p)], shared=shared,
+    wrapper = AdaptedLinear(m, variants.module_config(config, _path_str(p)), rngs=rngs, adapter=made[_path_str(p)], shared=shared,
                             deterministic=deterministic, dora_path=dora_path)
     model = _replace(model, p, wrapper)
   return model
@@ -418,7 +505,7 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
   """
   for p, w in wrappers(model):
     merged = nnx.clone(w.base_layer)
-    merged.kernel[...] = w.merged_kernel()
+    _weight(merged)[...] = w.merged_kernel()
     model = _replace(model, p, merged)
   return model
 
@@ -500,6 +587,8 @@ def kernel_layouts(model: nnx.Module) -> dict[str, tree_lib.KernelLayout]:
         out[_path_str(p)] = tree_lib.KernelLayout(0, len(ins))
     elif isinstance(m, nnx.Linear):
       out[_path_str(p)] = tree_lib.KernelLayout(0, 1)
+    elif isinstance(m, nnx.Conv):
+      out[_path_str(p)] = tree_lib.KernelLayout(0, m.kernel.ndim - 1, kind="conv")
   return out
 
 

@@ -4,7 +4,10 @@
 ``W0: [I, O]`` and computes ``x A``, ``h B``, ``x W0``, their transposes and
 per-output-feature broadcasts in the layer's own output layout, so the adapter
 terms are added to the module's output ``y0`` without reshaping ``x`` or ``y``.
-Shared by the Linen and NNX front-ends.
+Shared by the Linen and NNX front-ends. :class:`ConvProjection` and
+:class:`EmbedProjection` give convolutions and embedding lookups the same interface
+(:meth:`low_rank`, :meth:`base`, :meth:`per_output`, :meth:`output_bias`) for the factored
+forward of :func:`dora_jax.variants.dora.output` (its autodiff path).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +190,92 @@ def einsum_kernel_axes(equation: str) -> tuple[str, str, str]:
         f" output axes (kept in the output, absent from the input)"
         + (f"; {batched} are batch axes." if batched else "."))
   return rhs, ins, outs
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvProjection:
+  """A convolution ``y = conv(x, W)`` with its kernel ``[*window, C_in, O]`` viewed as
+  ``[I = prod(window)·C_in, O]`` (the Flax layout, flattened as :class:`~dora_jax.tree.KernelLayout`).
+
+  PEFT's Conv LoRA (``tuners/lora/layer.py``, ``_ConvNd``): ``A`` is a convolution with the
+  layer's window, strides, padding and dilation and ``r`` output channels, ``B`` a 1x1
+  convolution (a matmul over channels), so ``(x A) B = conv(x, A B)``: the low-rank term
+  equals the merged ``ΔW``'s. (PEFT's own ``lora_A`` omits the layer's dilation — its
+  unmerged and merged forwards differ for dilated convs; here both use it.)
+
+  Attributes:
+    conv: ``conv(x, kernel) -> y`` without bias, for a kernel ``[*window, C_in, n]`` of
+      any ``n`` (the front-end builds it from the module: same strides, padding, dilation).
+    kernel_shape: the layer's kernel shape ``[*window, C_in, O]``.
+  """
+
+  conv: Callable[[Array, Array], Array]
+  kernel_shape: tuple[int, ...]
+  keeps_free_axes = False  # the lean custom_vjp path is written for einsum projections
+
+  @property
+  def i_dim(self) -> int:
+    return math.prod(self.kernel_shape[:-1])
+
+  @property
+  def o_dim(self) -> int:
+    return self.kernel_shape[-1]
+
+  def down(self, x: Array, a: Array, dtype) -> Array:
+    """``h = conv(x, A)`` ``[..., r]`` in ``dtype``; ``a: [I, r]``."""
+    k = a.astype(dtype).reshape(*self.kernel_shape[:-1], a.shape[-1])
+    return self.conv(x.astype(dtype), k).astype(dtype)
+
+  def low_rank(self, x: Array, a: Array, b: Array, dtype) -> Array:
+    """``conv(x, A) B`` ``[..., O]`` float32; ``a: [I, r]``, ``b: [r, O]``."""
+    h = self.down(x, a, dtype)
+    return jnp.einsum("...r,ro->...o", h, b.astype(dtype), preferred_element_type=_F32)
+
+  def base(self, x: Array, w_mat: Array, dtype) -> Array:
+    """``conv(x, W0)`` (no bias) float32; ``w_mat: [I, O]``."""
+    k = w_mat.astype(dtype).reshape(self.kernel_shape)
+    return self.conv(x.astype(dtype), k).astype(_F32)
+
+  def per_output(self, v: Array) -> Array:
+    """``[O]``: channels are the last axis of ``y``."""
+    return v
+
+  def output_bias(self, bias: Array) -> Array:
+    return bias
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedProjection:
+  """An embedding lookup ``y = W[ids]`` with ``W: [V, D]`` viewed as ``[I = V, O = D]``.
+
+  PEFT's Embedding LoRA (``tuners/lora/layer.py``, ``Embedding.forward``): the low-rank
+  term is a lookup of ``A``'s rows times ``B``, ``A[ids] B = (A B)[ids]``. The input is an
+  integer array; no dropout applies to it (PEFT neither).
+  """
+
+  num_embeddings: int
+  features: int
+  keeps_free_axes = False
+
+  @property
+  def i_dim(self) -> int:
+    return self.num_embeddings
+
+  @property
+  def o_dim(self) -> int:
+    return self.features
+
+  def low_rank(self, ids: Array, a: Array, b: Array, dtype) -> Array:
+    """``A[ids] B`` ``[*ids.shape, D]`` float32; ``a: [V, r]``, ``b: [r, D]``."""
+    h = jnp.take(a.astype(dtype), ids, axis=0)
+    return jnp.einsum("...r,ro->...o", h, b.astype(dtype), preferred_element_type=_F32)
+
+  def base(self, ids: Array, w_mat: Array, dtype) -> Array:
+    """``W0[ids]`` float32."""
+    return jnp.take(w_mat.astype(dtype), ids, axis=0).astype(_F32)
+
+  def per_output(self, v: Array) -> Array:
+    return v
+
+  def output_bias(self, bias: Array) -> Array:
+    return bias

@@ -425,10 +425,11 @@ def init_adapters(
     w = module[weight_key(module)]
     layout = layouts.get(path) or default_layout(path, tuple(w.shape))
     *_, i_dim, o_dim = layout.matrix_shape(tuple(w.shape))
-    max_r = getattr(config, "max_rank", lambda i, o: min(i, o))(i_dim, o_dim)
-    if config.r > max_r:
+    mc = variants.module_config(config, path)
+    max_r = getattr(mc, "max_rank", lambda i, o: min(i, o))(i_dim, o_dim)
+    if mc.r > max_r:
       raise ValueError(
-          f"r={config.r} is larger than the module '{path}' allows: its kernel is"
+          f"r={mc.r} is larger than the module '{path}' allows: its kernel is"
           f" {i_dim} x {o_dim} (inputs x outputs), so the rank can be at most"
           f" {max_r}. Lower r or exclude this module."
       )
@@ -444,7 +445,8 @@ def init_adapters(
     keys = _path_key(key, path)
     if stack_shape:  # one key per stacked layer
       keys = jax.random.split(keys, math.prod(stack_shape)).reshape(stack_shape)
-    init = lambda k, w_: variants.init_adapter(k, w_, config, shared)
+    mc = variants.module_config(config, path)
+    init = lambda k, w_: variants.init_adapter(k, w_, mc, shared)
     flat[path] = _stacked(init, layout.stack)(keys, w_mat)
   out = unflatten(flat)
   if shared:
@@ -493,7 +495,8 @@ def merge(params: Params, adapters: Mapping, config: Any, *, return_norms: bool 
   norms = {}
   for path, adapter in flatten_adapters(adapters).items():
     w_mat, shape = _kernel_matrix(get_path(plain, path), layouts[path], path)
-    fn = lambda w_, ad_, sh_: variants.merge_kernel(w_, ad_, config, sh_)
+    mc = variants.module_config(config, path)
+    fn = lambda w_, ad_, sh_: variants.merge_kernel(w_, ad_, mc, sh_)
     merged, norm = _per_layer(fn, layouts[path], shared)(w_mat, adapter)
     out = _replace_weight(out, path, jnp.reshape(merged, shape))
     norms[path] = norm
@@ -529,6 +532,7 @@ def unmerge(merged: Params, adapters: Mapping, config: Any, norms: Mapping | Non
   out = merged
   for path, adapter in flatten_adapters(adapters).items():
     w_mat, shape = _kernel_matrix(get_path(plain, path), layouts[path], path)
+    mc = variants.module_config(config, path)
     if variants.MAGNITUDE in adapter:
       if path not in flat_norms:
         raise ValueError(
@@ -541,10 +545,10 @@ def unmerge(merged: Params, adapters: Mapping, config: Any, norms: Mapping | Non
             f"unmerge: the norm at '{path}' has shape {tuple(norm.shape)}, expected"
             f" {tuple(adapter[variants.MAGNITUDE].shape)} (the magnitude's): pass the norms"
             " merge(..., return_norms=True) returned for these adapters.")
-      fn = lambda w_, ad_, sh_, n_: variants.unmerge_kernel(w_, ad_, config, sh_, n_)
+      fn = lambda w_, ad_, sh_, n_: variants.unmerge_kernel(w_, ad_, mc, sh_, n_)
       base = _per_layer(fn, layouts[path], shared)(w_mat, adapter, norm)
     else:
-      fn = lambda w_, ad_, sh_: variants.unmerge_kernel(w_, ad_, config, sh_)
+      fn = lambda w_, ad_, sh_: variants.unmerge_kernel(w_, ad_, mc, sh_)
       base = _per_layer(fn, layouts[path], shared)(w_mat, adapter)
     out = _replace_weight(out, path, jnp.reshape(base, shape))
   return out

@@ -25,6 +25,7 @@ from dora_jax.variants.base import (
     LeafSpec,
     Variant,
     config_variant,
+    module_config,
 )
 
 Array = jax.Array
@@ -133,5 +134,6 @@ def output(proj: Projection, y0: Array, x_in: Array, w_mat: Array, adapter: Mapp
 __all__ = [
     "Variant", "LeafSpec", "SHARED_KEY", "MAGNITUDE", "VARIANTS", "register", "leaf_specs",
     "layer_leaf_names", "is_adapter", "adapter_variant", "check_matches_config", "factors",
-    "init_adapter", "merge_kernel", "unmerge_kernel", "output", "config_variant", "dora", "lora",
+    "init_adapter", "merge_kernel", "unmerge_kernel", "output", "config_variant", "module_config",
+    "dora", "lora",
 ]

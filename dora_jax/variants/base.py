@@ -85,3 +85,10 @@ def config_variant(config: Any) -> Variant:
   if not isinstance(variant, Variant):
     raise TypeError(f"Expected an adapter config (LoraConfig, VeraConfig), got {type(config).__name__}.")
   return variant
+
+
+def module_config(config: Any, path: str) -> Any:
+  """The config of the module at ``path``: ``config.for_module(path)`` where the config has
+  per-module fields (LoRA's ``rank_pattern`` / ``alpha_pattern``), else ``config``."""
+  for_module = getattr(config, "for_module", None)
+  return config if for_module is None else for_module(path)
