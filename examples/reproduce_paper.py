@@ -178,8 +178,8 @@ def run_one(label: str, seed: int, common: dict[str, Any], args, out: Path, base
         recs += analysis.track(step, base_params, trainable, lora_config(cfg), modules, layouts=layouts)
     finally:
       ckpt.close()
-    if not args.keep_checkpoints:
-      shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+  if not args.keep_checkpoints:
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
   metric = "accuracy" if "accuracy" in summary["after"] else "perplexity"
   return {"method": label, "seed": seed, "metric": metric, "before": summary["before"][metric],
           "after": summary["after"][metric], "trainable_params": summary["trainable_params"],
