@@ -158,13 +158,24 @@ def weight_decomposition(
   return records
 
 
-def decomposition_slope(records: Sequence[Mapping[str, Any]]) -> float:
+def decomposition_slope(records: Sequence[Mapping[str, Any]], *, within_step: bool = False) -> float:
   """The least-squares slope of ``ΔM`` on ``ΔD`` over ``records`` (the paper's Fig. 2 trend).
 
-  Returns ``nan`` for fewer than two points or when every ``ΔD`` is the same.
+  Args:
+    records: from :func:`weight_decomposition` (with ``"step"`` for ``within_step``).
+    within_step: fit after subtracting each step's mean ``ΔD`` and ``ΔM`` (the slope across
+      layers at the same step, pooled over steps), so that both growing with training does
+      not by itself make the slope positive. Default: the plain fit over all points.
+
+  Returns ``nan`` for fewer than two points or when every (centred) ``ΔD`` is the same.
   """
   x = np.array([r["delta_d"] for r in records], np.float64)
   y = np.array([r["delta_m"] for r in records], np.float64)
+  if within_step and len(x):
+    steps = np.array([r.get("step", 0) for r in records])
+    for s in np.unique(steps):
+      x[steps == s] -= x[steps == s].mean()
+      y[steps == s] -= y[steps == s].mean()
   if len(x) < 2 or np.ptp(x) == 0:
     return float("nan")
   return float(np.polyfit(x, y, 1)[0])

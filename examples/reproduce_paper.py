@@ -10,7 +10,9 @@ and reports:
 * the paper's weight-decomposition analysis (§3, Fig. 2): ΔM against ΔD for q_proj and
   v_proj, one point per layer and tracked step, with the least-squares slope per method
   (the paper: negative for full fine-tuning and DoRA, positive for LoRA), drawn to
-  ``OUTPUT_DIR/decomposition.png``.
+  ``OUTPUT_DIR/decomposition.png``. The table gives the slope over all points and the slope
+  within steps (each step's means subtracted: both ΔM and ΔD grow with training, which alone
+  tilts the pooled fit upwards).
 
 The table is printed as markdown and JSON and written to ``OUTPUT_DIR/results.json`` and
 ``OUTPUT_DIR/results.md``.
@@ -176,8 +178,8 @@ def run_one(label: str, seed: int, common: dict[str, Any], args, out: Path, base
         recs += analysis.track(step, base_params, trainable, lora_config(cfg), modules, layouts=layouts)
     finally:
       ckpt.close()
-    if not args.keep_checkpoints:
-      shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+  if not args.keep_checkpoints:
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
   metric = "accuracy" if "accuracy" in summary["after"] else "perplexity"
   return {"method": label, "seed": seed, "metric": metric, "before": summary["before"][metric],
           "after": summary["after"][metric], "trainable_params": summary["trainable_params"],
@@ -195,13 +197,15 @@ def aggregate(runs: list[dict], modules: list[str]) -> list[dict]:
     rs = [r for r in runs if r["method"] == label]
     after = [r["after"] for r in rs]
     recs = [x for r in rs for x in r["decomposition"]]
-    slopes = {m: dora_jax.decomposition_slope([x for x in recs if x["module"] == m or x["module"].endswith("/" + m)]) for m in modules}
+    of = lambda m: [x for x in recs if x["module"] == m or x["module"].endswith("/" + m)]
+    slopes = {m: dora_jax.decomposition_slope(of(m)) for m in modules}
+    within = {m: dora_jax.decomposition_slope(of(m), within_step=True) for m in modules}
     rows.append({"method": label, "seeds": [r["seed"] for r in rs], "metric": rs[0]["metric"],
                  "before_mean": float(np.mean([r["before"] for r in rs])),
                  "after_mean": float(np.mean(after)), "after_std": _std(after), "after_per_seed": after,
                  "trainable_params": rs[0]["trainable_params"],
                  "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in rs])),
-                 "slopes": slopes})
+                 "slopes": slopes, "slopes_within_step": within})
   return rows
 
 
@@ -209,14 +213,15 @@ def markdown(rows: list[dict], modules: list[str]) -> str:
   pct = rows and rows[0]["metric"] == "accuracy"
   f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3g}")
   head = (f"| method | held-out {rows[0]['metric'] if rows else ''} (mean ± std) | per seed | before |"
-          " trainable params | wall s / run | " + " | ".join(f"slope ΔM/ΔD {m}" for m in modules) + " |")
+          " trainable params | wall s / run | "
+          + " | ".join(f"slope ΔM/ΔD {m} (all / within step)" for m in modules) + " |")
   lines = [head, "|" + "---|" * (6 + len(modules))]
   for r in rows:
     lines.append(
         f"| {r['method']} | {f(r['after_mean'])} ± {f(r['after_std'])} | "
         f"{', '.join(f(v) for v in r['after_per_seed'])} | {f(r['before_mean'])} | "
         f"{r['trainable_params']:,} | {r['wall_seconds_mean']:.0f} | "
-        + " | ".join(f"{r['slopes'][m]:.3g}" for m in modules) + " |")
+        + " | ".join(f"{r['slopes'][m]:.3g} / {r['slopes_within_step'][m]:.3g}" for m in modules) + " |")
   return "\n".join(lines)
 
 

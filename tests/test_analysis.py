@@ -161,6 +161,10 @@ def test_slope_and_plot_writes_png(tmp_path):
   down += [{**r, "module": "layers_0/v_proj"} for r in down]
   assert dora_jax.decomposition_slope(up) == pytest.approx(2.0)
   assert np.isnan(dora_jax.decomposition_slope(up[:1]))
+  # Two steps, each with slope −1 across layers, whose means rise together: pooled > 0, within −1.
+  grow = [{"step": s, "delta_d": s + d, "delta_m": 10 * s - d} for s in (1, 2) for d in (0.0, 0.1, 0.2)]
+  assert dora_jax.decomposition_slope(grow) > 0
+  assert dora_jax.decomposition_slope(grow, within_step=True) == pytest.approx(-1.0)
   out = tmp_path / "fig" / "decomposition.png"
   slopes = dora_jax.plot_decomposition({"LoRA": up, "DoRA": down}, out, modules=["q_proj", "v_proj"])
   assert out.stat().st_size > 1000

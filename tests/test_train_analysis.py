@@ -94,7 +94,8 @@ def _smoke(script, tmp_path, methods):
   assert list(rows) == list(methods)
   for r in rows.values():
     assert 0.0 <= r["after_mean"] <= 1.0 and r["seeds"] == [0] and r["trainable_params"] > 0
-    assert set(r["slopes"]) == {"q_proj", "v_proj"} and np.isfinite(list(r["slopes"].values())).all()
+    for key in ("slopes", "slopes_within_step"):
+      assert set(r[key]) == {"q_proj", "v_proj"} and np.isfinite(list(r[key].values())).all()
   decomp = [json.loads(l) for l in (out / "decomposition.jsonl").read_text().splitlines()]
   assert {d["step"] for d in decomp} == {1, 2}
   assert {d["method"] for d in decomp} == set(methods)
