@@ -108,6 +108,19 @@ def _module_inputs(module: nn.Module, kernel_ndim: int, args, kwargs) -> int | N
   return None
 
 
+def _layer_kind(mod: nn.Module) -> str:
+  """``KernelLayout.kind``: what ``all-linear`` selects and how the PEFT format lays it out."""
+  if isinstance(mod, nn.Embed):
+    return "embed"
+  if isinstance(mod, _FACTORED_TYPES):
+    return "linear"
+  if isinstance(mod, nn.ConvTranspose):
+    return "conv_transpose"
+  if getattr(mod, "feature_group_count", 1) > 1:
+    return "grouped_conv"
+  return "conv"
+
+
 def kernel_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, tree_lib.KernelLayout]:
   """Traces ``model.init(*args)`` (shapes only) to find every kernel's layout.
 
@@ -129,8 +142,7 @@ def kernel_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, 
       if mod.has_variable("params", key):
         w = tree_lib.unbox(mod.get_variable("params", key))
         seen["/".join(mod.scope.path)] = (w.ndim, _module_inputs(mod, w.ndim, a, kw))
-        kinds["/".join(mod.scope.path)] = ("embed" if isinstance(mod, nn.Embed) else
-                                           "linear" if isinstance(mod, _FACTORED_TYPES) else "conv")
+        kinds["/".join(mod.scope.path)] = _layer_kind(mod)
     return out
 
   def init(rng):

@@ -78,8 +78,9 @@ def peft_config_json(config: Any, names: Sequence[str], base_model_name_or_path:
       "use_rslora": config.use_rslora,
       "use_dora": config.use_dora,
       "init_lora_weights": config.init_lora_weights,
-      "rank_pattern": {},
-      "alpha_pattern": {},
+      # PEFT matches these keys against dotted torch module names; ours against '/'-paths.
+      "rank_pattern": {k.replace("/", "."): v for k, v in config.rank_pattern},
+      "alpha_pattern": {k.replace("/", "."): v for k, v in config.alpha_pattern},
       "layer_replication": None,
       "megatron_config": None,
       "megatron_core": "megatron.core",
@@ -120,6 +121,9 @@ def config_from_peft(peft_config: Mapping[str, Any], metadata: Mapping[str, str]
       use_dora=bool(peft_config.get("use_dora", False)),
       use_rslora=bool(peft_config.get("use_rslora", False)),
       init_lora_weights=init if init in (True, False, "gaussian") else True,
+      rank_pattern={k.replace(".", "/"): int(v) for k, v in (peft_config.get("rank_pattern") or {}).items()},
+      alpha_pattern={k.replace(".", "/"): float(v)
+                     for k, v in (peft_config.get("alpha_pattern") or {}).items()},
       adapter_dtype=dtype,
   )
 
@@ -135,9 +139,10 @@ def check_peft_config(peft_config: Mapping[str, Any], directory) -> None:
     problems.append("lora_bias=True")
   if peft_config.get("bias", "none") != "none":
     problems.append(f"bias={peft_config['bias']!r} (only 'none')")
-  for field in ("rank_pattern", "alpha_pattern"):
-    if peft_config.get(field):
-      problems.append(f"{field}={peft_config[field]!r} (one r and alpha for all modules only)")
+  if peft_type == "VERA":
+    for field in ("rank_pattern", "alpha_pattern"):
+      if peft_config.get(field):
+        problems.append(f"{field}={peft_config[field]!r} (VeRA has one rank)")
   if peft_config.get("modules_to_save"):
     problems.append(f"modules_to_save={peft_config['modules_to_save']!r}")
   if peft_config.get("layer_replication"):

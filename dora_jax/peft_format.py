@@ -554,10 +554,11 @@ def import_peft(
           raise ValueError(f"PEFT module '{e['name']}' holds VeRA tensors in a LoRA adapter.")
         got = pt.lora_from_peft(e["kind"], e, full_shape[depth_of[path]:], e["name"])
         ranks = (got["lora_a"].shape[-1], got["lora_b"].shape[0])
-      if any(k != r for k in ranks):
+      want_r = _pattern_rank(peft_config, e["name"], r)
+      if any(k != want_r for k in ranks):
         raise ValueError(
             f"PEFT module '{e['name']}' has rank {' / '.join(map(str, ranks))},"
-            f" but adapter_config.json says r={r}."
+            f" but adapter_config.json says r={want_r} for it."
         )
       if ("magnitude" in e) != use_dora:
         raise ValueError(
@@ -607,3 +608,12 @@ __all__ = [
     "peft_module_name",
     "peft_state_dict",
 ]
+
+
+def _pattern_rank(peft_config: Mapping[str, Any], name: str, r: int) -> int:
+  """A module's rank under PEFT's ``rank_pattern`` (``tuners/tuners_utils.py``: the first key
+  matching ``(.*\.)?key$`` of the dotted module name), else ``r``."""
+  for key, value in (peft_config.get("rank_pattern") or {}).items():
+    if re.match(rf"(.*\.)?({key})$", name):
+      return int(value)
+  return r

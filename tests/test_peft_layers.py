@@ -342,3 +342,36 @@ def test_tied_embedding_lora_export_matches_peft_tied_dora_refused(tmp_path):
   dad = dora_jax.init_adapters(jax.random.key(3), params, dcfg)
   with pytest.raises(ValueError, match="DoRA on an embedding that the model also uses as its LM head"):
     pf.export_peft(tmp_path / "d", dad, dcfg, params=params)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_rank_and_alpha_pattern_export_loads_in_peft(tmp_path, use_dora):
+  model, x, params, tm = mlp_setup()
+  cfg = dora_jax.LoraConfig(r=2, lora_alpha=4.0, target_modules=["fc1", "fc2"], use_dora=use_dora,
+                            rank_pattern={"fc2": 3}, alpha_pattern={"fc2": 9.0},
+                            init_lora_weights=False)
+  ad = perturb_magnitudes(dora_jax.init_adapters(jax.random.key(1), params, cfg))
+  assert ad["fc2"]["lora_a"].shape == (7, 3) and ad["fc1"]["lora_a"].shape == (5, 2)
+  pf.export_peft(tmp_path, ad, cfg, params=params)
+  got = run_torch(load_peft(tm, tmp_path), x)
+  ours = dora_jax.wrap(model.apply, cfg)({"params": params}, ad, x)
+  np.testing.assert_allclose(got, ours, rtol=1e-5, atol=1e-5)
+  back, back_cfg = pf.import_peft(tmp_path, params)
+  assert back_cfg.for_module("fc2").r == 3 and back_cfg.for_module("fc2").lora_alpha == 9.0
+
+
+def test_kernel_layouts_mark_grouped_and_transposed_convs(tmp_path):
+  class Convs(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(4, (3, 3), feature_group_count=2, name="grouped")(x)
+      return nn.ConvTranspose(4, (3, 3), name="transposed")(x)
+
+  model, x = Convs(), jnp.ones((1, 6, 6, 4))
+  layouts = dora_jax.kernel_layouts(model, x)
+  assert layouts["grouped"].kind == "grouped_conv" and layouts["transposed"].kind == "conv_transpose"
+  params = model.init(jax.random.key(0), x)["params"]
+  cfg = dora_jax.LoraConfig(r=2, target_modules=["grouped"])
+  ad = dora_jax.init_adapters(jax.random.key(1), params, cfg, layouts=layouts)
+  with pytest.raises(ValueError, match="grouped conv"):
+    pf.export_peft(tmp_path, ad, cfg, params=params, layouts=layouts)
