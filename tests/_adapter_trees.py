@@ -1,6 +1,8 @@
 """Shared test data for the checkpoint tests: Llama-shaped params (unscanned or
 scanned) with random, nonzero adapters on four module kinds, and a tree equality check."""
 
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +92,20 @@ def run_on_8_cpu_devices(script: str, *args: str) -> None:
   out = subprocess.run([sys.executable, "-c", script, *args], env=env,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+SHARDED_ADAPTERS = textwrap.dedent("""
+    cfg = dora_jax.LoraConfig(r=4, target_modules=["q"], use_dora=True, init_lora_weights=False)
+    rng = np.random.default_rng(0)
+    ad = {"layers": {"q": {"lora_a": jnp.asarray(rng.standard_normal((4, 16, 4)), jnp.float32),
+                           "lora_b": jnp.asarray(rng.standard_normal((4, 4, 8)), jnp.float32),
+                           "magnitude": jnp.asarray(rng.random((4, 8)), jnp.float32)}}}
+    m8 = Mesh(np.array(jax.devices()).reshape(4, 2), ("stage", "model"))
+    on8 = {"layers": {"q": {"lora_a": NamedSharding(m8, P("stage", "model")),
+                            "lora_b": NamedSharding(m8, P("stage", None, "model")),
+                            "magnitude": NamedSharding(m8, P("stage", "model"))}}}
+    ad8 = jax.device_put(ad, on8)
+""")
+"""Script lines (for the 8-device subprocess tests) that build scanned DoRA adapters ``ad`` and
+put them on a 4x2 mesh as ``ad8``; the script imports jax, jnp, np, dora_jax, Mesh,
+NamedSharding and P first."""

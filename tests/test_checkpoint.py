@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _adapter_trees import (D, R, TARGETS, assert_trees_equal, make, run_on_8_cpu_devices,
-                            scanned_params, unscanned_params)
+from _adapter_trees import (SHARDED_ADAPTERS, D, R, TARGETS, assert_trees_equal, make,
+                            run_on_8_cpu_devices, scanned_params, unscanned_params)
 
 import dora_jax
 from dora_jax import checkpoint as ckpt
@@ -94,16 +94,7 @@ RESHARD_SCRIPT = textwrap.dedent("""
     from dora_jax import checkpoint as ckpt
     root = sys.argv[1]
     params = {"layers": {"q": {"kernel": jnp.ones((4, 16, 8))}}}
-    cfg = dora_jax.LoraConfig(r=4, target_modules=["q"], use_dora=True, init_lora_weights=False)
-    rng = np.random.default_rng(0)
-    ad = {"layers": {"q": {"lora_a": jnp.asarray(rng.standard_normal((4, 16, 4)), jnp.float32),
-                           "lora_b": jnp.asarray(rng.standard_normal((4, 4, 8)), jnp.float32),
-                           "magnitude": jnp.asarray(rng.random((4, 8)), jnp.float32)}}}
-    m8 = Mesh(np.array(jax.devices()).reshape(4, 2), ("stage", "model"))
-    on8 = {"layers": {"q": {"lora_a": NamedSharding(m8, P("stage", "model")),
-                            "lora_b": NamedSharding(m8, P("stage", None, "model")),
-                            "magnitude": NamedSharding(m8, P("stage", "model"))}}}
-    ad8 = jax.device_put(ad, on8)
+""") + SHARDED_ADAPTERS + textwrap.dedent("""
     ckpt.save_adapters(root + "/a", ad8, cfg)
     m2 = Mesh(np.array(jax.devices()[:2]), ("model",))
     on2 = jax.tree.map(lambda s: NamedSharding(m2, P(None, "model")), on8)

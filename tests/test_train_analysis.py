@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _label_data import label_file
 
 import dora_jax
 from train import analysis
@@ -16,21 +17,6 @@ from train.modeling import load_base_model
 from train.run_dir import MetricsWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["good", "bad", "great", "awful", "fine", "boring", "moving", "dull"]
-
-
-def _label_file(tmp_path, n=64):
-  rng = np.random.default_rng(0)
-  rows = []
-  for i in range(n):
-    pos = i % 2 == 0
-    words = rng.choice(WORDS[0::2] if pos else WORDS[1::2], 3)
-    rows.append({"text": "the film is " + " ".join(words), "label": "positive" if pos else "negative"})
-  path = tmp_path / "sentiment.jsonl"
-  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  return path
-
-
 def _np_shift(w0, wt):
   w0, wt = np.asarray(w0, np.float64), np.asarray(wt, np.float64)
   m0, mt = np.linalg.norm(w0, axis=0), np.linalg.norm(wt, axis=0)
@@ -86,7 +72,7 @@ def _script():
 def _smoke(script, tmp_path, methods):
   out = tmp_path / "repro"
   result = script.main([
-      "--quick", "--model", "tiny-random", "--task", str(_label_file(tmp_path)), "--steps", "2",
+      "--quick", "--model", "tiny-random", "--task", str(label_file(tmp_path, 64)), "--steps", "2",
       "--track-every", "1", "--train-size", "32", "--eval-size", "16", "--lr-full", "1e-3",
       "--methods", ",".join(methods), "--output-dir", str(out),
       "--set", "seq_len=32", "--set", "eval_batch_size=16"])

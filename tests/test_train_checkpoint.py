@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _adapter_trees import assert_trees_equal, make, run_on_8_cpu_devices
+from _adapter_trees import SHARDED_ADAPTERS, assert_trees_equal, make, run_on_8_cpu_devices
 
 from train import checkpoint as ckpt
 
@@ -93,16 +93,7 @@ RESHARD_SCRIPT = textwrap.dedent("""
     import dora_jax
     from train.checkpoint import TrainCheckpointer
     root = sys.argv[1]
-    cfg = dora_jax.LoraConfig(r=4, target_modules=["q"], use_dora=True, init_lora_weights=False)
-    rng = np.random.default_rng(0)
-    ad = {"layers": {"q": {"lora_a": jnp.asarray(rng.standard_normal((4, 16, 4)), jnp.float32),
-                           "lora_b": jnp.asarray(rng.standard_normal((4, 4, 8)), jnp.float32),
-                           "magnitude": jnp.asarray(rng.random((4, 8)), jnp.float32)}}}
-    m8 = Mesh(np.array(jax.devices()).reshape(4, 2), ("stage", "model"))
-    on8 = {"layers": {"q": {"lora_a": NamedSharding(m8, P("stage", "model")),
-                            "lora_b": NamedSharding(m8, P("stage", None, "model")),
-                            "magnitude": NamedSharding(m8, P("stage", "model"))}}}
-    ad8 = jax.device_put(ad, on8)
+""") + SHARDED_ADAPTERS + textwrap.dedent("""
     m2 = Mesh(np.array(jax.devices()[:2]), ("model",))
     opt = optax.adam(1e-3)
     state = {"adapters": ad8, "opt_state": opt.init(ad8), "rng": jax.random.key(1)}

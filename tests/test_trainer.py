@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from _label_data import label_file
 from safetensors.numpy import load_file
 
 import dora_jax
@@ -13,23 +14,9 @@ from train.config import build_parser, load_config, make_config
 from train.loop import run
 from train.modeling import load_base_model
 
-WORDS = ["good", "bad", "great", "awful", "fine", "boring", "moving", "dull"]
-
-
-def _label_file(tmp_path, n=96):
-  rng = np.random.default_rng(0)
-  rows = []
-  for i in range(n):
-    pos = i % 2 == 0
-    words = rng.choice(WORDS[0::2] if pos else WORDS[1::2], 3)
-    rows.append({"text": "the film is " + " ".join(words), "label": "positive" if pos else "negative"})
-  path = tmp_path / "sentiment.jsonl"
-  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  return path
-
 
 def _cfg(tmp_path, out="run", **kw):
-  base = dict(model="tiny-random", task=str(_label_file(tmp_path)), steps=8, batch_size=8,
+  base = dict(model="tiny-random", task=str(label_file(tmp_path)), steps=8, batch_size=8,
               seq_len=32, eval_size=16, learning_rate=1e-2, warmup_steps=2, output_dir=str(tmp_path / out),
               progress=False, rank=4, alpha=8.0, save_every=2, eval_batch_size=16)
   base.update(kw)
