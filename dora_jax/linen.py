@@ -26,7 +26,6 @@ where adapter dropout cannot apply (logged once per type).
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from typing import Any, Callable, Mapping
 
@@ -35,6 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from dora_jax import core
+from dora_jax._logging import _said as _said_merged  # tests clear it to see a notice again
+from dora_jax._logging import say_once
 from dora_jax import quant
 from dora_jax import tree as tree_lib
 from dora_jax import variants
@@ -42,29 +43,17 @@ from dora_jax.projection import ConvProjection, EmbedProjection, Projection, ein
 from dora_jax.variants import dora
 
 Array = jax.Array
-logger = logging.getLogger("dora_jax")
 
 NORM_KEY = "w0_norm_sq"
 """Params key of a cached ``||W0||²_c`` (see :func:`base_norms`), next to the kernel."""
 
 _FACTORED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 _ADAPTABLE_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose, nn.Embed)
-_said_merged: set[str] = set()
 
 
 def _say_merged_once(kind: str, why: str) -> None:
-  if kind not in _said_merged:
-    _said_merged.add(kind)
-    logger.warning(
-        "dora_jax: %s modules run on the merged weight W' (%s); the factored path"
-        " covers Dense, DenseGeneral, Einsum, Conv (ungrouped) and Embed lookups.", kind, why)
-
-
-def say_once(key: str, message: str) -> None:
-  """Logs ``message`` once per process (fallbacks a user should know about)."""
-  if key not in _said_merged:
-    _said_merged.add(key)
-    logger.warning("dora_jax: %s", message)
+  say_once(kind, f"{kind} modules run on the merged weight W' ({why}); the factored path"
+           " covers Dense, DenseGeneral, Einsum, Conv (ungrouped) and Embed lookups.")
 
 
 # ---------------------------------------------------------------------------

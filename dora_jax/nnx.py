@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import logging
 import math
 import re
 from typing import Any, Mapping, Sequence
@@ -50,6 +49,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dora_jax import core
+from dora_jax._logging import _said  # tests clear it to see a notice again
+from dora_jax._logging import say_once
 from dora_jax import tree as tree_lib
 from dora_jax import variants
 from dora_jax.config import LoraConfig
@@ -63,15 +64,6 @@ SUPPORTED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embe
 """Module types :func:`apply_adapters` wraps (``nnx.Conv`` ungrouped and unmasked)."""
 
 _LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
-
-
-_said: set[str] = set()
-
-
-def _say_once(key: str, message: str) -> None:
-  if key not in _said:
-    _said.add(key)
-    logging.getLogger("dora_jax").warning("dora_jax: %s", message)
 
 
 class Adapter(nnx.Variable):
@@ -326,7 +318,7 @@ class AdaptedLinear(nnx.Module):
     drop = self.lora_dropout
     dropped = drop is not None and not drop.deterministic
     if dropped and isinstance(base, nnx.Embed):
-      _say_once("dropout-embed", f"lora_dropout={self.config.adapter_dropout} is not applied to"
+      say_once("dropout-embed", f"lora_dropout={self.config.adapter_dropout} is not applied to"
                 " nnx.Embed lookups (integer ids), as in PEFT's Embedding LoRA.")
       dropped = False
     x_in = drop(x) if dropped else x
