@@ -15,7 +15,11 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-METHODS = ("dora", "lora", "full")
+METHODS = ("dora", "lora", "vera", "dvora", "full")
+VERA_METHODS = ("vera", "dvora")
+QUANTIZE = ("none", "nf4", "int8")
+DEFAULT_RANK = {"vera": 256, "dvora": 256}  # PEFT's VeraConfig.r; LoRA/DoRA: 16
+DEFAULT_LORA_RANK = 16
 
 
 def _field(default, help: str, **kw):
@@ -37,15 +41,27 @@ class TrainConfig:
   remat: str = _field("none", "Rematerialization policy for each layer: none, full, dots (save matmuls).")
 
   # --- adapter
-  method: str = _field("dora", "Fine-tuning method: dora, lora, or full (every weight trains; the baseline).",
-                       choices=METHODS)
+  method: str = _field(
+      "dora", "Fine-tuning method: dora, lora, vera (shared frozen random projections, trained"
+      " per-layer vectors), dvora (DoRA's magnitude over VeRA), or full (every weight trains; the"
+      " baseline).", choices=METHODS)
+  quantize: str = _field(
+      "none", "Quantize the frozen base kernels (every linear layer but lm_head): none, nf4 (QLoRA's"
+      " 4-bit NormalFloat with double quantization: QLoRA / QDoRA) or int8 (absmax per output"
+      " channel). Adapters train on the quantized base; the merged export is full precision.",
+      choices=QUANTIZE)
   targets: tuple[str, ...] = _field(
       ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
       "Module-name suffixes to adapt (comma separated), or one regex matched against the '/'-joined path.")
-  rank: int = _field(16, "Adapter rank r.")
+  rank: int = _field(0, "Adapter rank r (0 = the method's default: 16 for dora/lora, 256 for"
+                     " vera/dvora as PEFT's VeraConfig).")
   alpha: float = _field(32.0, "lora_alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --rslora).")
   dropout: float = _field(0.0, "Dropout on the adapter input during training.")
   rslora: bool = _field(False, "rsLoRA scaling alpha / sqrt(r).")
+  d_initial: float = _field(0.1, "vera/dvora: initial value of every vera_lambda_d entry (PEFT's d_initial).")
+  projection_prng_key: int = _field(
+      0, "vera/dvora: seed of the shared frozen random projections vera_A, vera_B (PEFT's"
+      " projection_prng_key).")
 
   # --- data
   task: str = _field(
@@ -101,6 +117,20 @@ class TrainConfig:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
+    if self.rank < 0:
+      raise ValueError(f"rank must be positive (or 0 for the method's default), got {self.rank}.")
+    if self.rank == 0:
+      object.__setattr__(self, "rank", DEFAULT_RANK.get(self.method, DEFAULT_LORA_RANK))
+    if self.quantize not in QUANTIZE:
+      raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}.")
+    if self.quantize != "none" and self.method == "full":
+      raise ValueError(f"--quantize {self.quantize} freezes the base in low precision: it needs an"
+                       " adapter method (dora, lora, vera, dvora), not --method full.")
+    if self.method in VERA_METHODS and self.export in ("peft", "both"):
+      why = ("HF PEFT has no DVoRA format" if self.method == "dvora"
+             else "the PEFT export of VeRA adapters is not available in this trainer yet")
+      raise ValueError(f"--export {self.export} with --method {self.method}: {why}; use --export"
+                       " merged (or none).")
     if self.batch_size % max(self.grad_accum, 1):
       raise ValueError(
           f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}.")

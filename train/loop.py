@@ -51,16 +51,46 @@ _REGEX_CHARS = set("*|()[]^$\\+?{}")
 # Setup pieces
 
 
-def lora_config(cfg: TrainConfig) -> dora_jax.LoraConfig | None:
-  """The adapter config of a run (None for full fine-tuning)."""
+def lora_config(cfg: TrainConfig) -> dora_jax.LoraConfig | dora_jax.VeraConfig | None:
+  """The adapter config of a run: a ``LoraConfig`` (dora, lora), a ``VeraConfig`` (vera,
+  dvora: ``use_dora``), or None for full fine-tuning."""
   if cfg.method == "full":
     return None
   targets: Any = list(cfg.targets)
   if len(targets) == 1 and (targets[0] == "all-linear" or _REGEX_CHARS & set(targets[0])):
     targets = targets[0]
+  if cfg.method in ("vera", "dvora"):
+    return dora_jax.VeraConfig(
+        r=cfg.rank, target_modules=targets, projection_prng_key=cfg.projection_prng_key,
+        vera_dropout=cfg.dropout, d_initial=cfg.d_initial, use_dora=cfg.method == "dvora")
   return dora_jax.LoraConfig(
       r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.dropout,
       use_dora=cfg.method == "dora", use_rslora=cfg.rslora)
+
+
+def quantize_base(params, method: str, layouts, shardings) -> tuple[Any, Any]:
+  """``(quantized params, their shardings)``: every linear kernel but ``lm_head`` quantized
+  (:func:`dora_jax.quantize`, QLoRA's choice), each straight into the shards of the kernel it
+  replaces (:func:`dora_jax.quantized_param_shardings`)."""
+  qparams = dora_jax.quantize(params, method=method, layouts=layouts, shardings=shardings)
+  return qparams, dora_jax.quantized_param_shardings(qparams, shardings)
+
+
+def cached_base_norms(params, adapters, adapter_shardings) -> tuple[Any, Any]:
+  """``(||W0||²_c per DoRA adapter, their shardings)``, or ``(None, None)`` without DoRA.
+
+  :func:`dora_jax.linen.base_norms` computed once under ``jit``, each ``[*stack, O]`` sharded
+  like its magnitude (:func:`dora_jax.sharding.adapter_shardings`); a quantized base gives the
+  dequantized kernel's norms (QDoRA)."""
+  from dora_jax import linen, tree as tree_lib
+
+  norm_sh = {path: {linen.NORM_KEY: ad[dora_jax.variants.MAGNITUDE]}
+             for path, ad in tree_lib.flatten_adapters(adapter_shardings).items()
+             if dora_jax.variants.MAGNITUDE in ad}
+  if not norm_sh:
+    return None, None
+  n_sh = tree_lib.unflatten(norm_sh)
+  return jax.jit(linen.base_norms, out_shardings=n_sh)(params, adapters), n_sh
 
 
 def system_prompt(cfg: TrainConfig) -> str | None:
@@ -71,7 +101,8 @@ def system_prompt(cfg: TrainConfig) -> str | None:
 def run_fingerprint(cfg: TrainConfig, data_sha256: str | None = None) -> dict[str, Any]:
   """The settings a resumed run must share with the one it continues, and the hash of its
   tokenized data (:func:`data_fingerprint`: new data at the same ``--task`` path differs)."""
-  keys = ("model", "dtype", "method", "targets", "rank", "alpha", "dropout", "rslora", "task",
+  keys = ("model", "dtype", "method", "quantize", "targets", "rank", "alpha", "dropout", "rslora",
+          "d_initial", "projection_prng_key", "task",
           "seq_len", "packing", "train_size", "eval_size", "steps", "batch_size", "grad_accum",
           "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "seed",
           "chat_template", "system_prompt", "scan_layers")
@@ -267,6 +298,7 @@ def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSign
   model = Llama(base.config, dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers, remat=cfg.remat)
   p_sh = shardings_for(base.config)
   params = base.params
+  n_base = dora_jax.count_params(params)
   tokenizer = base.tokenizer
   say(f"model {cfg.model}: {base.config.num_params() / 1e6:.1f}M params ({time.time() - t_start:.1f}s to load)")
 
@@ -307,11 +339,24 @@ def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSign
     frozen, trainable, f_sh, t_sh = {}, params, {}, p_sh
   else:
     layouts = dora_jax.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
+    q_sh = p_sh
+    if cfg.quantize != "none":
+      t0 = time.time()
+      n_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+      params, q_sh = quantize_base(params, cfg.quantize, layouts, p_sh)
+      base.params = None  # let the full-precision copy go (exports merge from the quantized base)
+      say(f"quantized the base to {cfg.quantize}: {n_bytes / 2**20:.0f} MiB -> "
+          f"{sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20:.0f} MiB"
+          f" ({time.time() - t0:.1f}s)")
+    # Adapter shardings follow the full-precision kernels' (a quantized kernel shards like them).
     adapters, a_sh = sh.init_adapters_sharded(init_key, params, lcfg, p_sh, mesh, layouts=layouts,
                                               replicate=cfg.replicate_adapters)
-    frozen, trainable, f_sh, t_sh = params, adapters, p_sh, a_sh
-  n_train = dora_jax.count_params(trainable)
-  n_base = dora_jax.count_params(params)
+    norms, n_sh = cached_base_norms(params, adapters, a_sh)
+    frozen, trainable = steps_lib.frozen_inputs(params, norms), adapters
+    f_sh, t_sh = steps_lib.frozen_inputs(q_sh, n_sh), a_sh
+  n_train = dora_jax.count_params(trainable) if lcfg is None else sum(
+      x.size for x, m in zip(jax.tree.leaves(trainable), jax.tree.leaves(dora_jax.trainable_mask(trainable)))
+      if m)  # VeRA's shared projections are frozen
   say(f"method {cfg.method}: {n_train:,} trainable parameters ({100 * n_train / n_base:.3f}% of {n_base:,})")
 
   tx, schedule = steps_lib.make_optimizer(
