@@ -44,7 +44,6 @@ from train.run_dir import (
 
 logger = logging.getLogger("train")
 
-_REGEX_CHARS = set("*|()[]^$\\+?{}")
 
 
 # ---------------------------------------------------------------------------
@@ -56,9 +55,7 @@ def lora_config(cfg: TrainConfig) -> dora_jax.LoraConfig | dora_jax.VeraConfig |
   dvora: ``use_dora``), or None for full fine-tuning."""
   if cfg.method == "full":
     return None
-  targets: Any = list(cfg.targets)
-  if len(targets) == 1 and (targets[0] == "all-linear" or _REGEX_CHARS & set(targets[0])):
-    targets = targets[0]
+  targets = cfg.targets  # names (a tuple), 'all-linear' or a regex (a str): nothing guessed
   if cfg.method in ("vera", "dvora"):
     return dora_jax.VeraConfig(
         r=cfg.rank, target_modules=targets, projection_prng_key=cfg.projection_prng_key,
@@ -93,21 +90,29 @@ def cached_base_norms(params, adapters, adapter_shardings) -> tuple[Any, Any]:
   return jax.jit(linen.base_norms, out_shardings=n_sh)(params, adapters), n_sh
 
 
+def split_report(examples, eval_size: float, n_eval: int, n_train: int, train_size: int) -> str:
+  """One line saying how the task's rows became train and eval examples."""
+  n, distinct = len(examples), len(set(examples))
+  spec = f"{eval_size:g} of the distinct" if eval_size < 1 else f"{int(eval_size)}"
+  dup = f" ({n - distinct} exact duplicates count once)" if n > distinct else ""
+  left_out = n - n_eval - n_train if not train_size else None
+  cap = f", capped at --train-size {train_size}" if train_size else ""
+  rest = (f"; {left_out} copies of eval examples left out of train" if left_out else "")
+  return (f"split: {n} examples, {distinct} distinct{dup}; eval = {spec} -> {n_eval} (stratified by"
+          f" label where there are labels), train = the other {n_train}{cap}{rest}")
+
+
 def system_prompt(cfg: TrainConfig) -> str | None:
   """The data pipeline's ``system_prompt``: None keeps the template's default."""
   return {"default": None, "none": ""}.get(cfg.system_prompt, cfg.system_prompt)
 
 
 def run_fingerprint(cfg: TrainConfig, data_sha256: str | None = None) -> dict[str, Any]:
-  """The settings a resumed run must share with the one it continues, and the hash of its
+  """The settings a resumed run must share with the one it continues (the TrainConfig fields
+  declared with ``resume_key=True``), and the hash of its
   tokenized data (:func:`data_fingerprint`: new data at the same ``--task`` path differs)."""
-  keys = ("model", "dtype", "method", "quantize", "targets", "rank", "alpha", "dropout", "rslora",
-          "d_initial", "projection_prng_key", "task",
-          "seq_len", "packing", "train_size", "eval_size", "steps", "batch_size", "grad_accum",
-          "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "seed",
-          "chat_template", "system_prompt", "scan_layers")
   d = cfg.to_dict()
-  out = {k: d[k] for k in keys}
+  out = {k: d[k] for k in cfg.resume_keys()}  # the fields marked resume_key where declared
   if data_sha256 is not None:
     out["data_sha256"] = data_sha256
   return out
@@ -156,11 +161,14 @@ def evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg: Trai
   Every process evaluates the whole held-out set (rows replicated; ``multiple`` rounds the
   batch up so it splits over the mesh's batch axes)."""
   bs = -(-cfg.eval_batch_size // multiple) * multiple
+  from tqdm.auto import tqdm
+  bar = lambda n: tqdm(range(0, n, bs), desc="evaluating", unit="batch", leave=False, file=sys.stderr,
+                       disable=not cfg.progress or jax.process_index() != 0, dynamic_ncols=True)
   if task.kind == "label":
     arrays, label_ids, gold = eval_set
     n = arrays["input_ids"].shape[0]
     scores = []
-    for i in range(0, n, bs):
+    for i in bar(n):
       batch = place(steps_lib.pad_rows({k: v[i:i + bs] for k, v in arrays.items()}, bs))
       scores.append(np.asarray(score_step(frozen, trainable, batch))[: min(bs, n - i)])
     scores = np.concatenate(scores)
@@ -170,7 +178,7 @@ def evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg: Trai
     return {"accuracy": float(np.mean(pred == gold)), "eval_examples": int(len(gold))}
   n = eval_set["input_ids"].shape[0]
   total, count = 0.0, 0.0
-  for i in range(0, n, bs):
+  for i in bar(n):
     batch = place(steps_lib.pad_rows({k: v[i:i + bs] for k, v in eval_set.items()}, bs))
     nll, cnt = eval_step(frozen, trainable, batch)
     total += float(np.sum(nll))
@@ -314,6 +322,7 @@ def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSign
     loss_k = int(train_arrays["loss_mask"].sum(1).max())
   train_arrays = with_loss_positions(train_arrays, loss_k)
   n_rows = train_arrays["input_ids"].shape[0]
+  say(split_report(task.examples, cfg.eval_size, len(eval_ex), len(train_ex), cfg.train_size))
   say(f"task {cfg.task}: {len(train_ex)} train / {len(eval_ex)} eval examples, {n_rows} rows of "
       f"{cfg.seq_len} tokens" + (f", loss on ≤{loss_k} positions per row" if loss_k else ""))
 
@@ -542,9 +551,20 @@ def export(cfg, out: Path, base, params, trainable, lcfg) -> dict[str, str]:
     host = jax.device_get(trainable)
     if primary:
       replace_dir(path, lambda tmp: dora_jax.export_peft(
-          tmp, host, lcfg, params=params, base_model_name_or_path=cfg.model))
+          tmp, host, lcfg, params=params, base_model_name_or_path=base_model_path(cfg.model)))
     done["peft"] = str(path)
   return done
+
+
+def base_model_path(model: str) -> str:
+  """The PEFT export's ``base_model_name_or_path``: a directory ``from_pretrained`` loads (the bundled
+  SmolLM2's converted cache directory, an HF checkpoint directory made absolute), else the name."""
+  if model in ("smollm2-135m", "smollm2"):
+    from dora_jax.models.smollm2 import smollm2_path
+    return str(smollm2_path())
+  if Path(model).is_dir():
+    return str(Path(model).absolute())
+  return model
 
 
 def plot_run(out: Path, kind: str) -> None:
@@ -570,7 +590,11 @@ def plot_run(out: Path, kind: str) -> None:
   metric = "accuracy" if kind == "label" else "perplexity"
   pts = [(0, summary["before"][metric])] + [(e["step"], e[metric]) for e in summary["evals"]]
   pts.append((summary["config"]["steps"], summary["after"][metric]))
-  axes[1].plot(*zip(*pts), marker="o")
+  if len(pts) > 2:
+    axes[1].plot(*zip(*pts), marker="o")
+  else:  # before and after only: two markers, not a line that suggests what happened in between
+    axes[1].plot(*zip(*pts), "o")
+    axes[1].set_title("--eval-every N evaluates during the run", fontsize=8)
   if kind == "label" and summary.get("majority_class_rate"):
     axes[1].axhline(summary["majority_class_rate"], ls="--", c="gray", label="majority class")
     axes[1].legend()
