@@ -135,3 +135,59 @@ def test_save_and_load_adapters_accept_relative_paths(tmp_path, monkeypatch):
   loaded, loaded_config = dora_jax.load_adapters("adapters/a")
   assert loaded_config == config
   np.testing.assert_array_equal(loaded["fc"]["magnitude"], adapters["fc"]["magnitude"])
+
+
+# ---------------------------------------------------------------------------
+# VeRA / DVoRA
+
+
+@pytest.mark.parametrize("method", ["vera", "dvora"])
+def test_vera_and_dvora_learn_keep_projections_and_export_merged(tmp_path, method):
+  from train.checkpoint import TrainCheckpointer
+  from train.loop import lora_config, run_fingerprint
+  cfg = _cfg(tmp_path, method=method, rank=0, steps=8, learning_rate=3e-2, export="merged",
+             save_every=0, targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+  assert cfg.rank == 256  # PEFT's VeraConfig default when no rank is given
+  lcfg = lora_config(cfg)
+  assert isinstance(lcfg, dora_jax.VeraConfig) and lcfg.use_dora == (method == "dvora")
+  assert lcfg.d_initial == 0.1
+  summary = run(cfg)
+  out = tmp_path / "run"
+  losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+  assert np.mean(losses[-3:]) < np.mean(losses[:3])
+  # Trainable: the per-layer vectors (and magnitudes) only, not the shared projections.
+  base = load_base_model(cfg)
+  init = dora_jax.init_adapters(jax.random.key(0), base.params, lcfg)
+  shared = init["shared"]
+  n_vectors = dora_jax.count_params(init) - dora_jax.count_params(shared)
+  assert summary["trainable_params"] == n_vectors
+  from train.generate import _checkpoint_record
+  step, record = _checkpoint_record(out / "checkpoints")
+  assert record["config"] == run_fingerprint(cfg, record["config"]["data_sha256"])
+  with TrainCheckpointer((out / "checkpoints").absolute(), record["config"], async_save=False) as ckpt:
+    trained = ckpt.restore(step)["trainable"]
+  for k in ("vera_A", "vera_B"):  # bitwise unchanged by training, and PEFT's seeded draw
+    np.testing.assert_array_equal(np.asarray(trained["shared"][k]), np.asarray(shared[k]))
+  lam_b = [np.asarray(a["vera_lambda_b"]) for a in jax.tree_util.tree_leaves(
+      trained, is_leaf=lambda n: isinstance(n, dict) and "vera_lambda_b" in n) if isinstance(a, dict)]
+  assert lam_b and any(np.abs(x).max() > 0 for x in lam_b)  # the vectors did train
+  # The merged export reloads equal to the adapted model.
+  config, merged = load_pretrained(out / "merged")
+  model = Llama(config)
+  ids = jax.numpy.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 9)))
+  want = dora_jax.wrap(model.apply, lcfg)({"params": base.params}, trained, ids)
+  np.testing.assert_allclose(model.apply({"params": merged}, ids), want, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(model.apply({"params": base.params}, ids), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,export", [("vera", "peft"), ("dvora", "peft"), ("dvora", "both"),
+                                           ("vera", "both")])
+def test_vera_peft_export_is_refused_before_training(tmp_path, method, export, capsys):
+  from train.__main__ import main
+  with pytest.raises(ValueError, match="--export merged"):
+    _cfg(tmp_path, method=method, export=export)
+  rc = main(["--model", "tiny-random", "--method", method, "--export", export,
+             "--output-dir", str(tmp_path / "never")])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
+  assert not (tmp_path / "never").exists()  # refused before anything was loaded or written

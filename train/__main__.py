@@ -13,7 +13,11 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   from train.config import load_config
 
-  cfg = load_config(argv)
+  try:
+    cfg = load_config(argv)  # cheap checks (fields, method x export, ...) before the model loads
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   from train.checkpoint import CheckpointMismatchError, CorruptCheckpointError
   from train.loop import StopRequested, run
   from train.run_dir import RunLockedError
@@ -23,8 +27,9 @@ def main(argv=None) -> int:
   except StopRequested as e:  # SIGINT / SIGTERM: the run said what it saved, if anything
     print(f"stopped by {e}", file=sys.stderr)
     return 128 + e.signum
-  except (RunLockedError, CheckpointMismatchError, CorruptCheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (RunLockedError, CheckpointMismatchError, CorruptCheckpointError, ValueError,
+          FileNotFoundError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)  # one line, no traceback
     return 2
   if "after" in summary:
     b, a = summary["before"], summary["after"]

@@ -44,23 +44,62 @@ from train.run_dir import (
 
 logger = logging.getLogger("train")
 
-_REGEX_CHARS = set("*|()[]^$\\+?{}")
 
 
 # ---------------------------------------------------------------------------
 # Setup pieces
 
 
-def lora_config(cfg: TrainConfig) -> dora_jax.LoraConfig | None:
-  """The adapter config of a run (None for full fine-tuning)."""
+def lora_config(cfg: TrainConfig) -> dora_jax.LoraConfig | dora_jax.VeraConfig | None:
+  """The adapter config of a run: a ``LoraConfig`` (dora, lora), a ``VeraConfig`` (vera,
+  dvora: ``use_dora``), or None for full fine-tuning."""
   if cfg.method == "full":
     return None
-  targets: Any = list(cfg.targets)
-  if len(targets) == 1 and (targets[0] == "all-linear" or _REGEX_CHARS & set(targets[0])):
-    targets = targets[0]
+  targets = cfg.targets  # names (a tuple), 'all-linear' or a regex (a str): nothing guessed
+  if cfg.method in ("vera", "dvora"):
+    return dora_jax.VeraConfig(
+        r=cfg.rank, target_modules=targets, projection_prng_key=cfg.projection_prng_key,
+        vera_dropout=cfg.dropout, d_initial=cfg.d_initial, use_dora=cfg.method == "dvora")
   return dora_jax.LoraConfig(
       r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.dropout,
       use_dora=cfg.method == "dora", use_rslora=cfg.rslora)
+
+
+def quantize_base(params, method: str, layouts, shardings) -> tuple[Any, Any]:
+  """``(quantized params, their shardings)``: every linear kernel but ``lm_head`` quantized
+  (:func:`dora_jax.quantize`, QLoRA's choice), each straight into the shards of the kernel it
+  replaces (:func:`dora_jax.quantized_param_shardings`)."""
+  qparams = dora_jax.quantize(params, method=method, layouts=layouts, shardings=shardings)
+  return qparams, dora_jax.quantized_param_shardings(qparams, shardings)
+
+
+def cached_base_norms(params, adapters, adapter_shardings) -> tuple[Any, Any]:
+  """``(||W0||²_c per DoRA adapter, their shardings)``, or ``(None, None)`` without DoRA.
+
+  :func:`dora_jax.linen.base_norms` computed once under ``jit``, each ``[*stack, O]`` sharded
+  like its magnitude (:func:`dora_jax.sharding.adapter_shardings`); a quantized base gives the
+  dequantized kernel's norms (QDoRA)."""
+  from dora_jax import linen, tree as tree_lib
+
+  norm_sh = {path: {linen.NORM_KEY: ad[dora_jax.variants.MAGNITUDE]}
+             for path, ad in tree_lib.flatten_adapters(adapter_shardings).items()
+             if dora_jax.variants.MAGNITUDE in ad}
+  if not norm_sh:
+    return None, None
+  n_sh = tree_lib.unflatten(norm_sh)
+  return jax.jit(linen.base_norms, out_shardings=n_sh)(params, adapters), n_sh
+
+
+def split_report(examples, eval_size: float, n_eval: int, n_train: int, train_size: int) -> str:
+  """One line saying how the task's rows became train and eval examples."""
+  n, distinct = len(examples), len(set(examples))
+  spec = f"{eval_size:g} of the distinct" if eval_size < 1 else f"{int(eval_size)}"
+  dup = f" ({n - distinct} exact duplicates count once)" if n > distinct else ""
+  left_out = n - n_eval - n_train if not train_size else None
+  cap = f", capped at --train-size {train_size}" if train_size else ""
+  rest = (f"; {left_out} copies of eval examples left out of train" if left_out else "")
+  return (f"split: {n} examples, {distinct} distinct{dup}; eval = {spec} -> {n_eval} (stratified by"
+          f" label where there are labels), train = the other {n_train}{cap}{rest}")
 
 
 def system_prompt(cfg: TrainConfig) -> str | None:
@@ -69,14 +108,11 @@ def system_prompt(cfg: TrainConfig) -> str | None:
 
 
 def run_fingerprint(cfg: TrainConfig, data_sha256: str | None = None) -> dict[str, Any]:
-  """The settings a resumed run must share with the one it continues, and the hash of its
+  """The settings a resumed run must share with the one it continues (the TrainConfig fields
+  declared with ``resume_key=True``), and the hash of its
   tokenized data (:func:`data_fingerprint`: new data at the same ``--task`` path differs)."""
-  keys = ("model", "dtype", "method", "targets", "rank", "alpha", "dropout", "rslora", "task",
-          "seq_len", "packing", "train_size", "eval_size", "steps", "batch_size", "grad_accum",
-          "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "seed",
-          "chat_template", "system_prompt", "scan_layers")
   d = cfg.to_dict()
-  out = {k: d[k] for k in keys}
+  out = {k: d[k] for k in cfg.resume_keys()}  # the fields marked resume_key where declared
   if data_sha256 is not None:
     out["data_sha256"] = data_sha256
   return out
@@ -125,11 +161,14 @@ def evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg: Trai
   Every process evaluates the whole held-out set (rows replicated; ``multiple`` rounds the
   batch up so it splits over the mesh's batch axes)."""
   bs = -(-cfg.eval_batch_size // multiple) * multiple
+  from tqdm.auto import tqdm
+  bar = lambda n: tqdm(range(0, n, bs), desc="evaluating", unit="batch", leave=False, file=sys.stderr,
+                       disable=not cfg.progress or jax.process_index() != 0, dynamic_ncols=True)
   if task.kind == "label":
     arrays, label_ids, gold = eval_set
     n = arrays["input_ids"].shape[0]
     scores = []
-    for i in range(0, n, bs):
+    for i in bar(n):
       batch = place(steps_lib.pad_rows({k: v[i:i + bs] for k, v in arrays.items()}, bs))
       scores.append(np.asarray(score_step(frozen, trainable, batch))[: min(bs, n - i)])
     scores = np.concatenate(scores)
@@ -139,7 +178,7 @@ def evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg: Trai
     return {"accuracy": float(np.mean(pred == gold)), "eval_examples": int(len(gold))}
   n = eval_set["input_ids"].shape[0]
   total, count = 0.0, 0.0
-  for i in range(0, n, bs):
+  for i in bar(n):
     batch = place(steps_lib.pad_rows({k: v[i:i + bs] for k, v in eval_set.items()}, bs))
     nll, cnt = eval_step(frozen, trainable, batch)
     total += float(np.sum(nll))
@@ -267,6 +306,7 @@ def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSign
   model = Llama(base.config, dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers, remat=cfg.remat)
   p_sh = shardings_for(base.config)
   params = base.params
+  n_base = dora_jax.count_params(params)
   tokenizer = base.tokenizer
   say(f"model {cfg.model}: {base.config.num_params() / 1e6:.1f}M params ({time.time() - t_start:.1f}s to load)")
 
@@ -282,6 +322,7 @@ def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSign
     loss_k = int(train_arrays["loss_mask"].sum(1).max())
   train_arrays = with_loss_positions(train_arrays, loss_k)
   n_rows = train_arrays["input_ids"].shape[0]
+  say(split_report(task.examples, cfg.eval_size, len(eval_ex), len(train_ex), cfg.train_size))
   say(f"task {cfg.task}: {len(train_ex)} train / {len(eval_ex)} eval examples, {n_rows} rows of "
       f"{cfg.seq_len} tokens" + (f", loss on ≤{loss_k} positions per row" if loss_k else ""))
 
@@ -307,11 +348,24 @@ def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSign
     frozen, trainable, f_sh, t_sh = {}, params, {}, p_sh
   else:
     layouts = dora_jax.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
+    q_sh = p_sh
+    if cfg.quantize != "none":
+      t0 = time.time()
+      n_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+      params, q_sh = quantize_base(params, cfg.quantize, layouts, p_sh)
+      base.params = None  # let the full-precision copy go (exports merge from the quantized base)
+      say(f"quantized the base to {cfg.quantize}: {n_bytes / 2**20:.0f} MiB -> "
+          f"{sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20:.0f} MiB"
+          f" ({time.time() - t0:.1f}s)")
+    # Adapter shardings follow the full-precision kernels' (a quantized kernel shards like them).
     adapters, a_sh = sh.init_adapters_sharded(init_key, params, lcfg, p_sh, mesh, layouts=layouts,
                                               replicate=cfg.replicate_adapters)
-    frozen, trainable, f_sh, t_sh = params, adapters, p_sh, a_sh
-  n_train = dora_jax.count_params(trainable)
-  n_base = dora_jax.count_params(params)
+    norms, n_sh = cached_base_norms(params, adapters, a_sh)
+    frozen, trainable = steps_lib.frozen_inputs(params, norms), adapters
+    f_sh, t_sh = steps_lib.frozen_inputs(q_sh, n_sh), a_sh
+  n_train = dora_jax.count_params(trainable) if lcfg is None else sum(
+      x.size for x, m in zip(jax.tree.leaves(trainable), jax.tree.leaves(dora_jax.trainable_mask(trainable)))
+      if m)  # VeRA's shared projections are frozen
   say(f"method {cfg.method}: {n_train:,} trainable parameters ({100 * n_train / n_base:.3f}% of {n_base:,})")
 
   tx, schedule = steps_lib.make_optimizer(
@@ -497,9 +551,20 @@ def export(cfg, out: Path, base, params, trainable, lcfg) -> dict[str, str]:
     host = jax.device_get(trainable)
     if primary:
       replace_dir(path, lambda tmp: dora_jax.export_peft(
-          tmp, host, lcfg, params=params, base_model_name_or_path=cfg.model))
+          tmp, host, lcfg, params=params, base_model_name_or_path=base_model_path(cfg.model)))
     done["peft"] = str(path)
   return done
+
+
+def base_model_path(model: str) -> str:
+  """The PEFT export's ``base_model_name_or_path``: a directory ``from_pretrained`` loads (the bundled
+  SmolLM2's converted cache directory, an HF checkpoint directory made absolute), else the name."""
+  if model in ("smollm2-135m", "smollm2"):
+    from dora_jax.models.smollm2 import smollm2_path
+    return str(smollm2_path())
+  if Path(model).is_dir():
+    return str(Path(model).absolute())
+  return model
 
 
 def plot_run(out: Path, kind: str) -> None:
@@ -525,7 +590,11 @@ def plot_run(out: Path, kind: str) -> None:
   metric = "accuracy" if kind == "label" else "perplexity"
   pts = [(0, summary["before"][metric])] + [(e["step"], e[metric]) for e in summary["evals"]]
   pts.append((summary["config"]["steps"], summary["after"][metric]))
-  axes[1].plot(*zip(*pts), marker="o")
+  if len(pts) > 2:
+    axes[1].plot(*zip(*pts), marker="o")
+  else:  # before and after only: two markers, not a line that suggests what happened in between
+    axes[1].plot(*zip(*pts), "o")
+    axes[1].set_title("--eval-every N evaluates during the run", fontsize=8)
   if kind == "label" and summary.get("majority_class_rate"):
     axes[1].axhline(summary["majority_class_rate"], ls="--", c="gray", label="majority class")
     axes[1].legend()

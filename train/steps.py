@@ -58,19 +58,31 @@ def at_loss_positions(batch: Batch) -> tuple[Array, Array]:
           jnp.take_along_axis(batch["loss_mask"], idx, axis=1))
 
 
-def make_forward(model, method: str, lora_config: dora_jax.LoraConfig | None) -> Callable:
-  """``forward(frozen, trainable, batch, rng, train) -> logits [B, T, V]``."""
+def make_forward(model, method: str, lora_config: Any = None) -> Callable:
+  """``forward(frozen, trainable, batch, rng, train) -> logits [B, T, V]``.
+
+  ``frozen`` is ``{}`` for full fine-tuning (``trainable`` holds every param); for the adapter
+  methods it is ``{"params": base params, "base_norms": cached ||W0||²_c or None}``
+  (:func:`frozen_inputs`): the cached norms (:func:`dora_jax.linen.base_norms`) skip a pass over
+  every ``W0`` per step and make DoRA's ``g = m / ||W0||_c`` exactly 1 at init.
+  """
   wrapped = dora_jax.wrap(model.apply, lora_config) if method != "full" else None
-  use_dropout = lora_config is not None and lora_config.lora_dropout > 0
+  use_dropout = lora_config is not None and lora_config.adapter_dropout > 0
 
   def forward(frozen, trainable, batch, rng, train: bool):
     kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     rngs = {"dropout": rng} if (train and use_dropout) else None
     if wrapped is None:
       return model.apply({"params": trainable}, batch["input_ids"], **kwargs)
-    return wrapped(frozen, trainable, batch["input_ids"], rngs=rngs, **kwargs)
+    return wrapped(frozen["params"], trainable, batch["input_ids"], rngs=rngs,
+                   base_norms=frozen.get("base_norms"), **kwargs)
 
   return forward
+
+
+def frozen_inputs(params: Any, base_norms: Any = None) -> dict[str, Any]:
+  """The ``frozen`` argument of :func:`make_forward`'s ``forward`` for an adapter method."""
+  return {"params": params, "base_norms": base_norms}
 
 
 def make_optimizer(
@@ -79,8 +91,10 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup + cosine decay, global-norm clipping.
 
-  Weight decay applies to ``lora_a``/``lora_b`` (adapters) or to matrices
-  (full fine-tuning); never to DoRA magnitudes, norms or biases.
+  Weight decay applies to ``lora_a``/``lora_b`` and VeRA's vectors (adapters) or to
+  matrices (full fine-tuning); never to DoRA magnitudes, norms or biases. For vera/dvora
+  the shared projections ``vera_A``/``vera_B`` travel in the trainable tree but are frozen
+  (:func:`dora_jax.freeze_base`: zero updates, no optimizer state).
   """
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=learning_rate, warmup_steps=min(warmup_steps, max(steps - 1, 0)),
@@ -93,7 +107,10 @@ def make_optimizer(
   if grad_clip > 0:
     parts.append(optax.clip_by_global_norm(grad_clip))
   parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  if method in ("vera", "dvora"):
+    tx = dora_jax.freeze_base(tx)
+  return tx, schedule
 
 
 def make_train_step(forward: Callable, tx: optax.GradientTransformation, grad_accum: int = 1,
