@@ -34,6 +34,7 @@ from dora_jax.tree import (
     count_params,
     decompose,
     init_adapters,
+    init_adapters_and_base,
     merge,
     select_targets,
     split,
@@ -44,7 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "VeraConfig", "KernelLayout", "core", "nnx", "variants",
-    "init_adapters", "wrap", "merge", "unmerge", "decompose", "kernel_layouts",
+    "init_adapters", "init_adapters_and_base", "convert_to_lora", "wrap", "merge", "unmerge", "decompose", "kernel_layouts",
     "select_targets", "check_adapters", "combine", "split", "count_params",
     "column_norm", "factored_column_norm", "merge_kernel", "unmerge_kernel",
     "decompose_kernel", "decomposition_shift",
@@ -59,6 +60,7 @@ from dora_jax.checkpoint import (
     read_adapter_info,
     save_adapters,
 )
+from dora_jax.residual import convert_to_lora
 from dora_jax.peft_format import export_peft, import_peft, peft_module_name, peft_state_dict
 
 __all__ += [
