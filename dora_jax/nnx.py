@@ -202,7 +202,8 @@ def _projection(module: nnx.Module, x: Array, args, kwargs):
 
 
 def _init_matrix_adapters(key: Array, mats: Mapping[str, Array], config: Any) -> dict:
-  """Adapters for kernels given as ``{path: W0 [I, O]}``, by :func:`dora_jax.init_adapters`.
+  """Adapters for kernels given as ``{path: W0 [I, O]}``, by :func:`dora_jax.init_adapters_and_base`
+  (the residual kernels of PiSSA / OLoRA under ``"residual"``).
 
   The draws equal ``init_adapters(key, params, config)`` on the model's own params
   (each module folds its path into ``key``); shared leaves are under ``"shared"``.
@@ -213,8 +214,13 @@ def _init_matrix_adapters(key: Array, mats: Mapping[str, Array], config: Any) ->
     params = tree_lib.unflatten({p: {"kernel": w} for p, w in mats.items()})
   exact = dataclasses.replace(
       config, target_modules="|".join(re.escape(p) for p in mats), exclude_modules=None)
-  adapters = tree_lib.init_adapters(key, params, exact)
-  return {**tree_lib.flatten_adapters(adapters), variants.SHARED_KEY: tree_lib.shared_leaves(adapters)}
+  residual, adapters = tree_lib.init_adapters_and_base(key, params, exact)
+  changed = {}  # PiSSA / OLoRA: {path: W0 - s·A0 B0}
+  if getattr(config, "modifies_base", False):
+    changed = {p: residual["kernel"] if p == "" else tree_lib.get_path(residual, p)["kernel"]
+               for p in mats}
+  return {**tree_lib.flatten_adapters(adapters), variants.SHARED_KEY: tree_lib.shared_leaves(adapters),
+          "residual": changed}
 
 
 class AdaptedLinear(nnx.Module):
@@ -455,6 +461,10 @@ def apply_adapters(
       model (:func:`model_deterministic`: a model put in ``eval()`` gets deterministic
       adapter dropouts; one without any mode-carrying module gets NNX's default, active).
       Afterwards ``model.train()`` / ``model.eval()`` switch them with the model's own.
+      PiSSA / OLoRA inits (``config.modifies_base``) replace each targeted kernel by the
+      residual ``W0 − s·A0 B0`` in place, as PEFT's ``get_peft_model`` does; keep
+      :func:`adapter_dict` right after this call to export a LoRA for the original base
+      (:func:`dora_jax.export_peft` ``initial_adapters=``).
     dora_path: how DoRA layers run (:mod:`dora_jax.variants.dora`; default the lean
       ``"custom_vjp"``), as in :func:`dora_jax.wrap`.
 
@@ -467,14 +477,23 @@ def apply_adapters(
       or is already adapted; ``r`` exceeds what a kernel allows.
   """
   chosen = select_modules(model, config)
+  new_init = getattr(config, "init_lora_weights", True) == "orthogonal" or getattr(
+      config, "modifies_base", False)
   for p, m in chosen:
     check_supported(m, _path_str(p))
+    if new_init and isinstance(m, (nnx.Conv, nnx.Embed)):
+      raise ValueError(
+          f"init_lora_weights={config.init_lora_weights!r} is for Linear-type modules only, but"
+          f" '{_path_str(p)}' is an {type(m).__name__} (PEFT's Conv refuses this init, its"
+          " Embedding silently uses the default one). Exclude it or use init_lora_weights=True.")
   if deterministic is None:
     deterministic = bool(model_deterministic(model))
   key = rngs.params()
   made = _init_matrix_adapters(key, {_path_str(p): kernel_matrix(m) for p, m in chosen}, config)
   shared = {k: FrozenAdapter(v) for k, v in made[variants.SHARED_KEY].items()}
   for p, m in chosen:
+    if _path_str(p) in made["residual"]:  # PiSSA / OLoRA rewrite the base kernel, as PEFT does
+      _weight(m)[...] = kernel_from_matrix(m, made["residual"][_path_str(p)])
     wrapper = AdaptedLinear(m, variants.module_config(config, _path_str(p)), rngs=rngs, adapter=made[_path_str(p)], shared=shared,
                             deterministic=deterministic, dora_path=dora_path)
     model = _replace(model, p, wrapper)

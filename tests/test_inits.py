@@ -321,3 +321,35 @@ def test_unconverted_peft_pissa_adapter_refused_on_import(tmp_path):
   pm.save_pretrained(str(tmp_path))
   with pytest.raises(ValueError, match="residual base"):
     dora_jax.import_peft(tmp_path, params)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_nnx_apply_adapters_rewrites_base_in_place(init):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dora_jax import nnx as dn  # pylint: disable=g-import-not-at-top
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.Linear(4, 6, rngs=rngs)
+      self.conv = nnx.Conv(2, 3, (3,), rngs=rngs)
+
+    def __call__(self, x):
+      return self.up(x)
+
+  model = Net(nnx.Rngs(0))
+  w0 = np.asarray(model.up.kernel[...], np.float64)
+  x = jnp.asarray(rand(3, 4))
+  base = np.asarray(model(x))
+  cfg = dora_jax.LoraConfig(r=2, lora_alpha=3.0, target_modules=["up"], use_dora=True,
+                            init_lora_weights=init)
+  dn.apply_adapters(model, cfg, nnx.Rngs(params=1))
+  ad = dn.adapter_dict(model)["up"]
+  prod = cfg.scale * np.asarray(ad["lora_a"] @ ad["lora_b"], np.float64)
+  want = np_truncated(w0, 2) if init == "pissa" else cfg.scale * np_olora_product(w0, 2)
+  np.testing.assert_allclose(prod, want, atol=1e-5)
+  np.testing.assert_allclose(model.up.base_layer.kernel[...], w0 - prod, atol=1e-6)
+  np.testing.assert_allclose(ad["magnitude"], np.linalg.norm(w0, axis=0), rtol=1e-6)
+  np.testing.assert_allclose(model(x), base, atol=1e-5)  # starts equal to the base
+  with pytest.raises(ValueError, match="Linear-type modules only"):
+    dn.apply_adapters(Net(nnx.Rngs(0)), dora_jax.LoraConfig(r=2, target_modules=["conv"],
+                                                           init_lora_weights=init), nnx.Rngs(0))
