@@ -17,6 +17,7 @@ from dora_jax.core import (
     merge_kernel,
     unmerge_kernel,
 )
+from dora_jax.initialize import init_adapters, init_adapters_and_base
 from dora_jax.linen import kernel_layouts, wrap
 from dora_jax.optim import (
     adapter_labels,
@@ -33,8 +34,6 @@ from dora_jax.tree import (
     combine,
     count_params,
     decompose,
-    init_adapters,
-    init_adapters_and_base,
     merge,
     select_targets,
     split,

@@ -51,6 +51,7 @@ from flax import nnx
 from dora_jax import core
 from dora_jax._logging import _said  # tests clear it to see a notice again
 from dora_jax._logging import say_once
+from dora_jax import initialize
 from dora_jax import tree as tree_lib
 from dora_jax import variants
 from dora_jax.config import LoraConfig
@@ -214,7 +215,7 @@ def _init_matrix_adapters(key: Array, mats: Mapping[str, Array], config: Any) ->
     params = tree_lib.unflatten({p: {"kernel": w} for p, w in mats.items()})
   exact = dataclasses.replace(
       config, target_modules="|".join(re.escape(p) for p in mats), exclude_modules=None)
-  residual, adapters = tree_lib.init_adapters_and_base(key, params, exact)
+  residual, adapters = initialize.init_adapters_and_base(key, params, exact)
   changed = {}  # PiSSA / OLoRA: {path: W0 - s·A0 B0}
   if getattr(config, "modifies_base", False):
     changed = {p: residual["kernel"] if p == "" else tree_lib.get_path(residual, p)["kernel"]

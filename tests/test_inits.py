@@ -253,7 +253,7 @@ def test_init_equals_peft(init, use_dora):
       np.testing.assert_allclose(ad[name]["magnitude"], m_t, rtol=1e-5)
   import torch  # pylint: disable=g-import-not-at-top
   with torch.no_grad():
-    y_t = pm(torch.from_numpy(np.asarray(x))).numpy()
+    y_t = pm(torch.from_numpy(np.array(x))).numpy()
   np.testing.assert_allclose(dora_jax.wrap(MLP().apply, cfg)(res, ad, x), y_t, atol=1e-4)
 
 
