@@ -164,6 +164,16 @@ def check_supported(module: Any, path: str = "") -> None:
         " functional route (dora_jax.nnx.merged_state).")
 
 
+def _check_init(module: Any, config: Any, path: str) -> None:
+  """PEFT's other inits (orthogonal, PiSSA, OLoRA) are for Linear-type modules only."""
+  if ((getattr(config, "init_lora_weights", True) == "orthogonal"
+       or getattr(config, "modifies_base", False)) and isinstance(module, (nnx.Conv, nnx.Embed))):
+    raise ValueError(
+        f"init_lora_weights={config.init_lora_weights!r} is for Linear-type modules only, but"
+        f" '{path}' is an {type(module).__name__} (PEFT's Conv refuses this init, its"
+        " Embedding silently uses the default one). Exclude it or use init_lora_weights=True.")
+
+
 def conv_fn(module: nnx.Conv):
   """``conv(x, kernel)``: ``module``'s convolution without bias for a kernel of any output
   width, as the Linen ``nn.Conv`` with the same settings (one implementation of the padding
@@ -281,8 +291,12 @@ class AdaptedLinear(nnx.Module):
     w_mat = kernel_matrix(base_layer)
     shared = dict(shared or {})
     if adapter is None:
+      _check_init(base_layer, config, type(base_layer).__name__)
       made = _init_matrix_adapters(rngs.params(), {"layer": w_mat}, config)
       adapter = made["layer"]
+      if made["residual"]:  # PiSSA / OLoRA: the base kernel becomes W0 - s·A0 B0, as in PEFT
+        w_mat = made["residual"]["layer"]
+        _weight(base_layer)[...] = kernel_from_matrix(base_layer, w_mat)
       shared = shared or {k: FrozenAdapter(v) for k, v in made[variants.SHARED_KEY].items()}
     missing = [k for k in variant.shared if k not in shared]
     if missing:
@@ -478,15 +492,9 @@ def apply_adapters(
       or is already adapted; ``r`` exceeds what a kernel allows.
   """
   chosen = select_modules(model, config)
-  new_init = getattr(config, "init_lora_weights", True) == "orthogonal" or getattr(
-      config, "modifies_base", False)
   for p, m in chosen:
     check_supported(m, _path_str(p))
-    if new_init and isinstance(m, (nnx.Conv, nnx.Embed)):
-      raise ValueError(
-          f"init_lora_weights={config.init_lora_weights!r} is for Linear-type modules only, but"
-          f" '{_path_str(p)}' is an {type(m).__name__} (PEFT's Conv refuses this init, its"
-          " Embedding silently uses the default one). Exclude it or use init_lora_weights=True.")
+    _check_init(m, config, _path_str(p))
   if deterministic is None:
     deterministic = bool(model_deterministic(model))
   key = rngs.params()

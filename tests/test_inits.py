@@ -350,6 +350,10 @@ def test_nnx_apply_adapters_rewrites_base_in_place(init):
   np.testing.assert_allclose(model.up.base_layer.kernel[...], w0 - prod, atol=1e-6)
   np.testing.assert_allclose(ad["magnitude"], np.linalg.norm(w0, axis=0), rtol=1e-6)
   np.testing.assert_allclose(model(x), base, atol=1e-5)  # starts equal to the base
+  lone = nnx.Linear(4, 6, rngs=nnx.Rngs(0))  # the wrapper on its own rewrites its base too
+  wrapped = dn.AdaptedLinear(lone, cfg, rngs=nnx.Rngs(params=1))
+  np.testing.assert_allclose(wrapped(x), base, atol=1e-5)
+  assert np.abs(np.asarray(lone.kernel[...]) - w0).max() > 1e-2
   with pytest.raises(ValueError, match="Linear-type modules only"):
     dn.apply_adapters(Net(nnx.Rngs(0)), dora_jax.LoraConfig(r=2, target_modules=["conv"],
                                                            init_lora_weights=init), nnx.Rngs(0))
