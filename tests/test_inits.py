@@ -295,7 +295,7 @@ def test_converted_export_equals_peft_and_loads_on_original_base(tmp_path, init)
   want = dora_jax.wrap(MLP().apply, cfg)(res, ad, x)
   loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_mlp), str(tmp_path / "ours")).eval()
   with torch.no_grad():
-    np.testing.assert_allclose(loaded(torch.from_numpy(np.asarray(x))).numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(loaded(torch.from_numpy(np.array(x))).numpy(), want, atol=1e-5)
   back, cfg_back = dora_jax.import_peft(tmp_path / "ours", params)
   np.testing.assert_allclose(dora_jax.wrap(MLP().apply, cfg_back)(params, back, x), want, atol=1e-5)
 
@@ -311,7 +311,7 @@ def test_converted_dora_export_loads_on_original_base(tmp_path):
   want = dora_jax.wrap(MLP().apply, cfg)(res, ad, x)
   loaded = peft.PeftModel.from_pretrained(_torch_mlp(params), str(tmp_path)).eval()
   with torch.no_grad():
-    np.testing.assert_allclose(loaded(torch.from_numpy(np.asarray(x))).numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(loaded(torch.from_numpy(np.array(x))).numpy(), want, atol=1e-5)
 
 
 def test_unconverted_peft_pissa_adapter_refused_on_import(tmp_path):
