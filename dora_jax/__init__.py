@@ -17,6 +17,7 @@ from dora_jax.core import (
     merge_kernel,
     unmerge_kernel,
 )
+from dora_jax.initialize import init_adapters, init_adapters_and_base
 from dora_jax.linen import kernel_layouts, wrap
 from dora_jax.optim import (
     adapter_labels,
@@ -33,7 +34,6 @@ from dora_jax.tree import (
     combine,
     count_params,
     decompose,
-    init_adapters,
     merge,
     select_targets,
     split,
@@ -44,7 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "VeraConfig", "KernelLayout", "core", "nnx", "variants",
-    "init_adapters", "wrap", "merge", "unmerge", "decompose", "kernel_layouts",
+    "init_adapters", "init_adapters_and_base", "convert_to_lora", "wrap", "merge", "unmerge", "decompose", "kernel_layouts",
     "select_targets", "check_adapters", "combine", "split", "count_params",
     "column_norm", "factored_column_norm", "merge_kernel", "unmerge_kernel",
     "decompose_kernel", "decomposition_shift",
@@ -59,6 +59,7 @@ from dora_jax.checkpoint import (
     read_adapter_info,
     save_adapters,
 )
+from dora_jax.residual import convert_to_lora
 from dora_jax.peft_format import export_peft, import_peft, peft_module_name, peft_state_dict
 
 __all__ += [

@@ -35,8 +35,14 @@ class LoraConfig:
     use_dora: decompose into magnitude and direction (DoRA) instead of LoRA.
     use_rslora: use ``lora_alpha / sqrt(r)`` as the scale.
     init_lora_weights: ``True`` (Kaiming-uniform ``A`` as in PEFT, zero ``B``),
-      ``"gaussian"`` (``A ~ N(0, 1/r)``, zero ``B``) or ``False`` (random
-      ``A`` and ``B``: the adapted model differs from the base; for tests).
+      ``"gaussian"`` (``A ~ N(0, 1/r)``, zero ``B``), ``False`` (random
+      ``A`` and ``B``: the adapted model differs from the base; for tests),
+      ``"orthogonal"`` (PEFT's orthogonal ``A``, ``B`` with ``A B = 0``; even ``r``),
+      or an init that moves part of ``W0`` into the adapter (:attr:`modifies_base`):
+      ``"pissa"`` (top-``r`` SVD), ``"pissa_niter_N"`` (randomized SVD, ``N`` subspace
+      iterations), ``"olora"`` (QR); these need
+      :func:`dora_jax.init_adapters_and_base`, which also returns the residual base.
+      Linear-type modules only (PEFT's Conv refuses them, its Embedding ignores them).
     adapter_dtype: dtype of the adapter parameters (``float32`` by default,
       whatever the base dtype).
     rank_pattern: PEFT's per-module ranks ``{pattern: r}``; a module whose ``/``-joined
@@ -75,14 +81,28 @@ class LoraConfig:
     if not isinstance(alpha, (int, float)):  # numpy scalars: JSON and hashing need Python numbers
       object.__setattr__(self, "lora_alpha", float(alpha))
     _check_dropout(self, "lora_dropout")
-    if self.init_lora_weights not in (True, False, "gaussian"):
+    if not _known_init(self.init_lora_weights):
       raise ValueError(
           "LoraConfig.init_lora_weights must be True (Kaiming-uniform A, zero B),"
-          f" 'gaussian' or False, got {self.init_lora_weights!r}."
+          " 'gaussian', False, 'orthogonal', 'pissa', 'pissa_niter_N' (N an integer >= 0) or"
+          f" 'olora', got {self.init_lora_weights!r}."
       )
     _check_targets(self)
     for name, check in (("rank_pattern", _positive_int), ("alpha_pattern", _finite_number)):
       object.__setattr__(self, name, _pattern_pairs(name, getattr(self, name), check))
+    if self.init_lora_weights == "orthogonal":
+      odd = sorted({x for x in (self.r, *(v for _, v in self.rank_pattern)) if x % 2})
+      if odd:
+        raise ValueError(
+            f"init_lora_weights='orthogonal' needs an even rank (half of A's and B's rows come"
+            f" from each half of one orthogonal matrix, PEFT's orthogonal_init); got r={odd}."
+            " Use an even r (and even rank_pattern values).")
+
+  @property
+  def modifies_base(self) -> bool:
+    """Whether the init moves ``s·A0 B0`` out of the base weight (PiSSA, OLoRA): the adapter
+    then runs on the residual ``W0 − s·A0 B0`` (:func:`dora_jax.init_adapters_and_base`)."""
+    return modifies_base(self.init_lora_weights)
 
   @property
   def variant(self):
@@ -196,6 +216,22 @@ class VeraConfig:
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
+
+
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def modifies_base(init: Any) -> bool:
+  """Whether ``init_lora_weights=init`` changes the base weight (PiSSA, OLoRA; PEFT's
+  ``pissa_init`` / ``olora_init`` write ``W0 − s·B0 A0`` into the base layer)."""
+  return isinstance(init, str) and (init == "pissa" or init == "olora"
+                                    or _PISSA_NITER.fullmatch(init) is not None)
+
+
+def _known_init(init: Any) -> bool:
+  if isinstance(init, bool):
+    return True
+  return init in ("gaussian", "orthogonal") or modifies_base(init)
 
 
 def _positive_int(v) -> int | None:

@@ -51,6 +51,7 @@ from flax import nnx
 from dora_jax import core
 from dora_jax._logging import _said  # tests clear it to see a notice again
 from dora_jax._logging import say_once
+from dora_jax import initialize
 from dora_jax import tree as tree_lib
 from dora_jax import variants
 from dora_jax.config import LoraConfig
@@ -163,6 +164,16 @@ def check_supported(module: Any, path: str = "") -> None:
         " functional route (dora_jax.nnx.merged_state).")
 
 
+def _check_init(module: Any, config: Any, path: str) -> None:
+  """PEFT's other inits (orthogonal, PiSSA, OLoRA) are for Linear-type modules only."""
+  if ((getattr(config, "init_lora_weights", True) == "orthogonal"
+       or getattr(config, "modifies_base", False)) and isinstance(module, (nnx.Conv, nnx.Embed))):
+    raise ValueError(
+        f"init_lora_weights={config.init_lora_weights!r} is for Linear-type modules only, but"
+        f" '{path}' is an {type(module).__name__} (PEFT's Conv refuses this init, its"
+        " Embedding silently uses the default one). Exclude it or use init_lora_weights=True.")
+
+
 def conv_fn(module: nnx.Conv):
   """``conv(x, kernel)``: ``module``'s convolution without bias for a kernel of any output
   width, as the Linen ``nn.Conv`` with the same settings (one implementation of the padding
@@ -202,7 +213,8 @@ def _projection(module: nnx.Module, x: Array, args, kwargs):
 
 
 def _init_matrix_adapters(key: Array, mats: Mapping[str, Array], config: Any) -> dict:
-  """Adapters for kernels given as ``{path: W0 [I, O]}``, by :func:`dora_jax.init_adapters`.
+  """Adapters for kernels given as ``{path: W0 [I, O]}``, by :func:`dora_jax.init_adapters_and_base`
+  (the residual kernels of PiSSA / OLoRA under ``"residual"``).
 
   The draws equal ``init_adapters(key, params, config)`` on the model's own params
   (each module folds its path into ``key``); shared leaves are under ``"shared"``.
@@ -213,8 +225,13 @@ def _init_matrix_adapters(key: Array, mats: Mapping[str, Array], config: Any) ->
     params = tree_lib.unflatten({p: {"kernel": w} for p, w in mats.items()})
   exact = dataclasses.replace(
       config, target_modules="|".join(re.escape(p) for p in mats), exclude_modules=None)
-  adapters = tree_lib.init_adapters(key, params, exact)
-  return {**tree_lib.flatten_adapters(adapters), variants.SHARED_KEY: tree_lib.shared_leaves(adapters)}
+  residual, adapters = initialize.init_adapters_and_base(key, params, exact)
+  changed = {}  # PiSSA / OLoRA: {path: W0 - s·A0 B0}
+  if getattr(config, "modifies_base", False):
+    changed = {p: residual["kernel"] if p == "" else tree_lib.get_path(residual, p)["kernel"]
+               for p in mats}
+  return {**tree_lib.flatten_adapters(adapters), variants.SHARED_KEY: tree_lib.shared_leaves(adapters),
+          "residual": changed}
 
 
 class AdaptedLinear(nnx.Module):
@@ -274,8 +291,12 @@ class AdaptedLinear(nnx.Module):
     w_mat = kernel_matrix(base_layer)
     shared = dict(shared or {})
     if adapter is None:
+      _check_init(base_layer, config, type(base_layer).__name__)
       made = _init_matrix_adapters(rngs.params(), {"layer": w_mat}, config)
       adapter = made["layer"]
+      if made["residual"]:  # PiSSA / OLoRA: the base kernel becomes W0 - s·A0 B0, as in PEFT
+        w_mat = made["residual"]["layer"]
+        _weight(base_layer)[...] = kernel_from_matrix(base_layer, w_mat)
       shared = shared or {k: FrozenAdapter(v) for k, v in made[variants.SHARED_KEY].items()}
     missing = [k for k in variant.shared if k not in shared]
     if missing:
@@ -455,6 +476,10 @@ def apply_adapters(
       model (:func:`model_deterministic`: a model put in ``eval()`` gets deterministic
       adapter dropouts; one without any mode-carrying module gets NNX's default, active).
       Afterwards ``model.train()`` / ``model.eval()`` switch them with the model's own.
+      PiSSA / OLoRA inits (``config.modifies_base``) replace each targeted kernel by the
+      residual ``W0 − s·A0 B0`` in place, as PEFT's ``get_peft_model`` does; keep
+      :func:`adapter_dict` right after this call to export a LoRA for the original base
+      (:func:`dora_jax.export_peft` ``initial_adapters=``).
     dora_path: how DoRA layers run (:mod:`dora_jax.variants.dora`; default the lean
       ``"custom_vjp"``), as in :func:`dora_jax.wrap`.
 
@@ -469,12 +494,15 @@ def apply_adapters(
   chosen = select_modules(model, config)
   for p, m in chosen:
     check_supported(m, _path_str(p))
+    _check_init(m, config, _path_str(p))
   if deterministic is None:
     deterministic = bool(model_deterministic(model))
   key = rngs.params()
   made = _init_matrix_adapters(key, {_path_str(p): kernel_matrix(m) for p, m in chosen}, config)
   shared = {k: FrozenAdapter(v) for k, v in made[variants.SHARED_KEY].items()}
   for p, m in chosen:
+    if _path_str(p) in made["residual"]:  # PiSSA / OLoRA rewrite the base kernel, as PEFT does
+      _weight(m)[...] = kernel_from_matrix(m, made["residual"][_path_str(p)])
     wrapper = AdaptedLinear(m, variants.module_config(config, _path_str(p)), rngs=rngs, adapter=made[_path_str(p)], shared=shared,
                             deterministic=deterministic, dora_path=dora_path)
     model = _replace(model, p, wrapper)

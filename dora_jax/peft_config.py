@@ -11,7 +11,7 @@ import dataclasses
 import json
 from typing import Any, Mapping, Sequence
 
-from dora_jax.config import LoraConfig, VeraConfig, config_from_dict
+from dora_jax.config import LoraConfig, VeraConfig, config_from_dict, modifies_base
 
 PEFT_TYPES = {"lora": "LORA", "vera": "VERA"}
 """Our method name -> PEFT's ``peft_type``."""
@@ -143,6 +143,13 @@ def check_peft_config(peft_config: Mapping[str, Any], directory) -> None:
     for field in ("rank_pattern", "alpha_pattern"):
       if peft_config.get(field):
         problems.append(f"{field}={peft_config[field]!r} (VeRA has one rank)")
+  init = peft_config.get("init_lora_weights")
+  if peft_type == "LORA" and modifies_base(init):
+    problems.append(
+        f"init_lora_weights={init!r} (the adapter was trained on the residual base W0 - s·A0 B0:"
+        " re-save it from PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+        " for a LoRA on the original base, or set init_lora_weights to true in adapter_config.json"
+        " and run it on the residual params of dora_jax.init_adapters_and_base)")
   if peft_config.get("modules_to_save"):
     problems.append(f"modules_to_save={peft_config['modules_to_save']!r}")
   if peft_config.get("layer_replication"):

@@ -251,6 +251,7 @@ def export_peft(
     layouts: Mapping[str, KernelLayout] | None = None,
     tied_embeddings: bool | None = None,
     tied_head_name: str = "lm_head",
+    initial_adapters: Mapping | None = None,
 ) -> None:
   """Writes a PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -302,11 +303,18 @@ def export_peft(
       kernels (``kind="conv"``; ``"grouped_conv"`` is refused).
     tied_embeddings: whether adapted embeddings are also the LM head (see above).
     tied_head_name: the HF module name of the tied head (``"lm_head"`` in HF causal LMs).
+    initial_adapters: for PiSSA / OLoRA adapters (trained on the residual base
+      ``W0 − s·A0 B0``), the adapters :func:`dora_jax.init_adapters_and_base` returned: the
+      export is then a plain LoRA of rank ``2r`` for the ORIGINAL base (``ΔW = s·(A B − A0
+      B0)``, ``r`` / ``lora_alpha`` / pattern values doubled, ``init_lora_weights: true``), as
+      PEFT's ``save_pretrained(..., path_initial_model_for_weight_conversion=...)`` writes it
+      (:mod:`dora_jax.residual`; DoRA keeps its trained magnitude, which PEFT's drops).
 
   Raises:
     ValueError: DVoRA (PEFT has none); ``config`` disagrees with the adapters; (with
       ``params``) the adapters do not fit them; a grouped conv; a kernel with several
-      input axes and no ``layouts``; VeRA on a non-Linear layer; DoRA on a tied embedding.
+      input axes and no ``layouts``; VeRA on a non-Linear layer; DoRA on a tied embedding;
+      PiSSA / OLoRA adapters without ``initial_adapters`` (or ``initial_adapters`` for others).
   """
   if getattr(config, "use_dora", False) and isinstance(config, VeraConfig):
     raise ValueError(_DVORA_MESSAGE)
@@ -317,6 +325,17 @@ def export_peft(
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   check_config_matches(adapters, config)
+  if initial_adapters is not None or getattr(config, "modifies_base", False):
+    if initial_adapters is None:
+      raise ValueError(
+          f"These adapters (init_lora_weights={config.init_lora_weights!r}) were trained on the"
+          " residual base W0 - s·A0 B0: pass initial_adapters=<the adapters"
+          " init_adapters_and_base returned> to export a LoRA of rank 2r for the original base"
+          " (PEFT's path_initial_model_for_weight_conversion), or, to ship them with the residual"
+          " params, export with dataclasses.replace(config, init_lora_weights=True).")
+    from dora_jax import residual  # pylint: disable=g-import-not-at-top
+
+    adapters, config = residual.convert_to_lora(adapters, initial_adapters, config)
   tied: list[str] = []
   if params is not None and tied_embeddings is not False:
     tied = _tied_embedding_paths(params, adapters, force=bool(tied_embeddings))

@@ -69,6 +69,7 @@ from flax.core import meta
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dora_jax import initialize
 from dora_jax import tree as tree_lib
 from dora_jax import variants
 from dora_jax.config import LoraConfig
@@ -334,7 +335,7 @@ def init_adapters_sharded(key: Array, params: Any, config: LoraConfig, params_sh
   Returns:
     ``(adapters, shardings)``; the same values as the unsharded ``init_adapters``.
   """
-  init = functools.partial(tree_lib.init_adapters, config=config, layouts=layouts)
+  init = functools.partial(initialize.init_adapters, config=config, layouts=layouts)
   abstract = jax.eval_shape(init, key, tree_lib.unbox(params))
   shardings = adapter_shardings(abstract, params, params_shardings, mesh, replicate=replicate)
   return jax.jit(init, out_shardings=shardings)(key, tree_lib.unbox(params)), shardings

@@ -107,6 +107,20 @@ def init_adapter(key: Array, w_mat: Array, config: Any, shared: Mapping | None =
   return leaves
 
 
+def init_adapter_and_base(key: Array, w_mat: Array, config: Any) -> tuple[dict[str, Array], Array]:
+  """``(adapter, W_res)`` for an init that moves ``s·A0 B0`` out of ``W0 = w_mat [I, O]``
+  (LoRA's PiSSA / OLoRA, :func:`lora.init_from_weight`); DoRA's
+  ``magnitude = ||W_res + s·A0 B0||_c`` (``= ||W0||_c`` up to rounding), as PEFT's DoRA
+  init takes the norm of the already-modified base plus the LoRA product."""
+  if config_variant(config) is not lora.VARIANT:
+    raise ValueError(f"{type(config).__name__} has no base-modifying init.")
+  leaves, w_res = lora.init_from_weight(key, w_mat, config)
+  if config.use_dora:
+    a, b, s = factors(config, leaves, None, *w_mat.shape)
+    leaves[MAGNITUDE] = dora.init_magnitude(w_res, a, b, s).astype(config.adapter_dtype)
+  return leaves, w_res
+
+
 def merge_kernel(w_mat: Array, adapter: Mapping, config: Any,
                  shared: Mapping | None = None) -> tuple[Array, Array]:
   """``(W', ||W0 + ΔW||_c)``: the merged kernel ``[I, O]`` in ``w_mat``'s dtype and the
@@ -134,6 +148,6 @@ def output(proj: Projection, y0: Array, x_in: Array, w_mat: Array, adapter: Mapp
 __all__ = [
     "Variant", "LeafSpec", "SHARED_KEY", "MAGNITUDE", "VARIANTS", "register", "leaf_specs",
     "layer_leaf_names", "is_adapter", "adapter_variant", "check_matches_config", "factors",
-    "init_adapter", "merge_kernel", "unmerge_kernel", "output", "config_variant", "module_config",
+    "init_adapter", "init_adapter_and_base", "merge_kernel", "unmerge_kernel", "output", "config_variant", "module_config",
     "dora", "lora",
 ]
