@@ -46,7 +46,9 @@ BASES = ("bf16", "nf4", "int8")
 """``bf16``: the base kernels in bfloat16; ``nf4`` / ``int8``: those kernels quantized."""
 METHODS = ("lora", "dora")
 RANK = 16
-MEMORY_SHAPES = (("smollm2-135m", 1, 256), ("tinyllama-1.1b", 1, 256), ("tinyllama-1.1b", 4, 2048))
+MEMORY_SHAPES = (("smollm2-135m", 1, 256), ("tinyllama-1.1b", 1, 256))
+"""Compiled by default (~4 min on a loaded 2-core CPU); add ``tinyllama-1.1b:4x2048`` (``--remat
+full``) with ``--memory-shapes``."""
 
 
 def _record(kind: str, **fields) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def _leaf_bytes(tree: Any) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def abstract_model(preset: str, dtype: str):
+def abstract_model(preset: str, dtype: str, remat: str = "none"):
   """``(model, abstract params, layouts)``: params as ``ShapeDtypeStruct`` (never allocated)."""
   import flax.linen as nn
   import jax
@@ -77,7 +79,7 @@ def abstract_model(preset: str, dtype: str):
   from dora_jax.models.llama import Llama
 
   dt = jnp.dtype(dtype)
-  model = Llama(common.PRESETS[preset], dtype=dt, param_dtype=dt, scan_layers=True)
+  model = Llama(common.PRESETS[preset], dtype=dt, param_dtype=dt, scan_layers=True, remat=remat)
   ids = jnp.zeros((1, 8), jnp.int32)
   params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
   return model, params, dora_jax.kernel_layouts(model, ids)
@@ -137,14 +139,15 @@ def _train_step(model, method: str, targets: Sequence[str]):
 
 
 def memory_record(preset: str, base: str, method: str, batch: int, seq: int,
-                  targets: Sequence[str] = common.DEFAULT_TARGETS) -> dict[str, Any]:
+                  targets: Sequence[str] = common.DEFAULT_TARGETS, remat: str = "none"
+                  ) -> dict[str, Any]:
   """XLA memory analysis of the compiled training step, all inputs abstract."""
   import jax
   import jax.numpy as jnp
 
   import dora_jax
 
-  model, params, layouts = abstract_model(preset, "bfloat16")
+  model, params, layouts = abstract_model(preset, "bfloat16", remat)
   qparams = jax.eval_shape(quantize_fn(base, layouts), params)
   cfg, tx, step = _train_step(model, method, targets)
   adapters = jax.eval_shape(
@@ -161,11 +164,15 @@ def memory_record(preset: str, base: str, method: str, batch: int, seq: int,
     mem["peak_estimate_bytes"] = (mem["argument_bytes"] + mem["output_bytes"]
                                   - mem["alias_bytes"] + mem["temp_bytes"])
   return _record("memory", preset=preset, base=base, method=method, batch=batch, seq=seq,
-                 rank=RANK, targets=list(targets), compute_dtype="bfloat16",
+                 rank=RANK, targets=list(targets), compute_dtype="bfloat16", remat=remat,
+                 attention="XLA dot_product_attention (no flash kernel on CPU)",
                  base_bytes=_leaf_bytes(qparams), adapter_bytes=_leaf_bytes(adapters),
                  opt_state_bytes=_leaf_bytes(opt_state), xla=mem, compile_s=compile_s,
                  note="static buffer sizes of the compiled step (XLA memory_analysis);"
-                      " peak_estimate = argument + output - alias + temp")
+                      " peak_estimate = argument + output - alias + temp. On CPU, XLA converts"
+                      " bf16 kernels to float32 for its dots, hoisting a float32 copy of the"
+                      " stacked kernels out of the layer loop into temp (a quantized base is"
+                      " dequantized per layer inside it)")
 
 
 class _Timed:
@@ -268,15 +275,19 @@ def tables(records: Iterable[dict[str, Any]]) -> str:
     lines.append("")
   mem = [r for r in records if r["kind"] == "memory"]
   if mem:
-    lines += ["XLA memory analysis of the compiled training step (bf16 compute; argument = base +"
-              " adapters + optimizer state + batch; temp = activations and scratch):", "",
-              "| model | batch × seq | base | method | argument | temp | peak estimate |",
-              "|---|---|---|---|---|---|---|"]
+    cols = [(b, m) for b in BASES for m in METHODS]
+    lines += ["XLA memory analysis of the compiled training step (bf16 compute, XLA attention):"
+              " peak estimate = argument + output − alias + temp, in GB (temp in brackets).", "",
+              "| model | batch × seq | remat | " + " | ".join(f"{b} {m}" for b, m in cols) + " |",
+              "|---|---|---|" + "---|" * len(cols)]
+    rows: dict[tuple, dict] = {}
     for r in mem:
-      x = r["xla"]
-      lines.append(f"| {r['preset']} | {r['batch']}×{r['seq']} | {r['base']} | {r['method']} |"
-                   f" {_mb(x['argument_bytes'])} | {_mb(x['temp_bytes'])} |"
-                   f" {_mb(x['peak_estimate_bytes'])} |")
+      rows.setdefault((r["preset"], r["batch"], r["seq"], r.get("remat", "none")), {})[
+          (r["base"], r["method"])] = r["xla"]
+    for (preset, b, sq, remat), cells in rows.items():
+      text = [f"{cells[c]['peak_estimate_bytes'] / 1e9:.2f} [{cells[c]['temp_bytes'] / 1e9:.2f}]"
+              if c in cells else "–" for c in cols]
+      lines.append(f"| {preset} | {b}×{sq} | {remat} | " + " | ".join(text) + " |")
     lines.append("")
   tm = [r for r in records if r["kind"] == "time"]
   if tm:
@@ -302,8 +313,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--parts", default="bytes,memory,time", help="comma list of bytes, memory, time")
   p.add_argument("--memory-shapes", default=",".join(f"{p}:{b}x{s}" for p, b, s in MEMORY_SHAPES),
                  help="comma list of preset:BATCHxSEQ compiled (never run) for the memory analysis")
+  p.add_argument("--remat", default="none", choices=["none", "full", "dots"],
+                 help="rematerialize each layer in the backward of the memory-analysis steps")
   p.add_argument("--time-preset", default="tiny", choices=sorted(common.PRESETS))
-  p.add_argument("--time-bases", default="f32,nf4-f32,int8-f32,bf16,nf4,int8",
+  p.add_argument("--time-bases", default="bf16,nf4,int8",
                  help="bases timed: f32 / bf16 full precision, nf4 / int8 quantized from bf16,"
                       " nf4-f32 / int8-f32 quantized from float32 (dequantized to float32)")
   p.add_argument("--time-batch", type=int, default=4)
@@ -347,10 +360,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       for base in BASES:
         for method in METHODS:
           try:
-            emit(memory_record(preset, base, method, b, s))
+            emit(memory_record(preset, base, method, b, s, remat=args.remat))
           except Exception as e:  # noqa: BLE001 - report and go on
             emit(_record("memory", preset=preset, base=base, method=method, batch=b, seq=s,
-                         error=f"{type(e).__name__}: {e}"[:2000]))
+                         remat=args.remat, error=f"{type(e).__name__}: {e}"[:2000]))
   if "time" in parts:
     for rec in time_records(args.time_preset, common.parse_list(args.time_bases), args.time_batch,
                             args.time_seq, args.rounds, args.warmup):

@@ -120,7 +120,7 @@ def adapted_matrices(adapters, params, layouts) -> list[common.AdaptedMatrix]:
     module = tree_lib.get_path(params, path)
     shape = tuple(module[tree_lib.weight_key(module)].shape)
     layout = layouts.get(path) or tree_lib.default_layout(path, shape)
-    i_dim, o_dim = layout.matrix_shape(shape)
+    i_dim, o_dim = layout.matrix_shape(shape)[-2:]
     out.append(common.AdaptedMatrix(i_dim, o_dim, math.prod(shape[: layout.stack])))
   return out
 
@@ -301,7 +301,7 @@ class Prepared:
     memory["kind"] += memory_kind_note
     record = {
         "bench": "step_time", "label": spec.label, "method": spec.method,
-        "dora_path": spec.dora_path if spec.method in DORA_METHODS else None,
+        "dora_path": (spec.dora_path or DEFAULT_PATH) if spec.method in DORA_METHODS else None,
         "preset": spec.preset, "batch": spec.batch, "seq": spec.seq, "tokens_per_step": tokens,
         "rank": None if spec.method == "frozen-forward" else spec.adapter_rank,
         "targets": None if spec.method == "frozen-forward" else list(spec.targets),

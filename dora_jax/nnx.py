@@ -34,6 +34,10 @@ Functional route (the merged fallback, any NNX model)::
 :func:`param_dict` gives the ``Param`` state as the nested ``{str: ...}`` dict that
 :func:`dora_jax.init_adapters`, :func:`dora_jax.merge` and :func:`dora_jax.decompose`
 take; :func:`merged_state` folds adapters into an ``nnx.State``.
+
+QLoRA / QDoRA: :func:`quantize` (from :mod:`dora_jax.nnx_quant`) turns the linear modules
+into quantized ones before :func:`apply_adapters`; their kernels are dequantized inside
+each call and :func:`merge_adapters` returns full-precision ``W'``.
 """
 
 from __future__ import annotations
