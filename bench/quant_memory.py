@@ -24,8 +24,13 @@ q, k, v, o, gate, up, down (``dora_jax.wrap``'s default DoRA path, optax AdamW i
 One JSON line per record (device, versions, date in each) to stdout and ``--out``;
 ``--table FILE`` prints README-ready markdown tables from a results file::
 
-  python -m bench.quant_memory --out bench/results/cpu-2026-12-01-quant.jsonl
-  python -m bench.quant_memory --table bench/results/cpu-2026-12-01-quant.jsonl
+  python -m bench.quant_memory --out results.jsonl        # ~5-8 min on a loaded 2-core CPU
+  python -m bench.quant_memory --parts memory --memory-shapes tinyllama-1.1b:4x2048 --remat full
+  python -m bench.quant_memory --parts time --time-bases f32,nf4-f32,int8-f32,bf16,nf4,int8
+  python -m bench.quant_memory --table results.jsonl
+
+Every compile is abstract but the ``time`` part's, which runs ``--time-preset`` (``tiny``:
+never point it at the 1.1B preset on a CPU).
 """
 
 from __future__ import annotations
@@ -316,7 +321,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--remat", default="none", choices=["none", "full", "dots"],
                  help="rematerialize each layer in the backward of the memory-analysis steps")
   p.add_argument("--time-preset", default="tiny", choices=sorted(common.PRESETS))
-  p.add_argument("--time-bases", default="bf16,nf4,int8",
+  p.add_argument("--time-bases", default="bf16,nf4",
                  help="bases timed: f32 / bf16 full precision, nf4 / int8 quantized from bf16,"
                       " nf4-f32 / int8-f32 quantized from float32 (dequantized to float32)")
   p.add_argument("--time-batch", type=int, default=4)
