@@ -10,6 +10,10 @@ One JSON line per configuration goes to stdout (and ``--out``)::
   python -m bench.step_time --preset tiny --methods frozen-forward,lora,dora \\
       --dora-paths factored,custom_vjp,merged --steps 20 --out results.jsonl --plot steps.png
 
+``vera`` / ``dvora`` time PEFT's VeRA and DVoRA (:class:`dora_jax.VeraConfig`, ``r`` from
+``--vera-rank``, 256 by default as PEFT's) in the same step; every method's optimizer is
+``dora_jax.freeze_base(optax.adamw(...))`` (VeRA's shared projections get no update).
+
 By default each configuration runs in its own subprocess (``--no-isolate`` to
 stay in one), so peak memory (which only grows within a process) and compile
 caches belong to that configuration alone.
@@ -31,7 +35,9 @@ from typing import Any, Sequence
 from bench import common
 from dora_jax.variants.dora import DEFAULT_PATH, PATHS as DORA_PATHS
 
-METHODS = ("frozen-forward", "lora", "dora")
+METHODS = ("frozen-forward", "lora", "dora", "vera", "dvora")
+DORA_METHODS = ("dora", "dvora")
+"""Methods whose adapted layers run DoRA's magnitude (and ``dora_path``)."""
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,6 +51,7 @@ class Spec:
   batch: int = 4
   seq: int = 256
   rank: int = 16
+  vera_rank: int = 256
   targets: tuple[str, ...] = common.DEFAULT_TARGETS
   dtype: str = "auto"
   steps: int = 20
@@ -57,7 +64,13 @@ class Spec:
 
   @property
   def label(self) -> str:
-    return f"dora[{self.dora_path}]" if self.method == "dora" else self.method
+    if self.method == "dora":
+      return f"dora[{self.dora_path}]"
+    return f"{self.method}[r={self.vera_rank}]" if self.method in ("vera", "dvora") else self.method
+
+  @property
+  def adapter_rank(self) -> int:
+    return self.vera_rank if self.method in ("vera", "dvora") else self.rank
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self))
@@ -65,6 +78,7 @@ class Spec:
   @classmethod
   def from_json(cls, text: str) -> "Spec":
     d = json.loads(text)
+    d.setdefault("vera_rank", 256)
     d["targets"] = tuple(d["targets"])
     return cls(**d)
 
@@ -95,23 +109,20 @@ def cross_entropy(logits, targets):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-def adapted_matrices(adapters) -> list[common.AdaptedMatrix]:
-  """``[I, O]`` and stack count of every adapter (for the flop count)."""
+def adapted_matrices(adapters, params, layouts) -> list[common.AdaptedMatrix]:
+  """``[I, O]`` and stack count of every adapted kernel (for the flop count), any method."""
   import math
 
-  import jax
+  from dora_jax import tree as tree_lib
 
   out = []
-  for path, leaf in jax.tree_util.tree_leaves_with_path(adapters):
-    if jax.tree_util.keystr(path[-1:]).strip("[]'\"") == "lora_a":
-      b_path = path[:-1]
-      *stack, i_dim, _ = leaf.shape
-      out.append((b_path, i_dim, math.prod(stack)))
-  o_dims = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(adapters):
-    if jax.tree_util.keystr(path[-1:]).strip("[]'\"") == "lora_b":
-      o_dims[path[:-1]] = leaf.shape[-1]
-  return [common.AdaptedMatrix(i, o_dims[p], n) for p, i, n in out]
+  for path in tree_lib.flatten_adapters(adapters):
+    module = tree_lib.get_path(params, path)
+    shape = tuple(module[tree_lib.weight_key(module)].shape)
+    layout = layouts.get(path) or tree_lib.default_layout(path, shape)
+    i_dim, o_dim = layout.matrix_shape(shape)[-2:]
+    out.append(common.AdaptedMatrix(i_dim, o_dim, math.prod(shape[: layout.stack])))
+  return out
 
 
 @functools.lru_cache(maxsize=2)
@@ -161,8 +172,12 @@ def build_step(spec: Spec, dtype: str, attention_impl: str | None):
     flops = common.model_flops(config, spec.batch, spec.seq, train=False)
     return fn, (params, batch), lambda args, out: args, flops, {"trainable_params": 0}
 
-  cfg = dora_jax.LoraConfig(r=spec.rank, lora_alpha=2.0 * spec.rank, target_modules=list(spec.targets),
-                            use_dora=spec.method == "dora")
+  if spec.method in ("vera", "dvora"):
+    cfg = dora_jax.VeraConfig(r=spec.vera_rank, target_modules=list(spec.targets),
+                              use_dora=spec.method == "dvora")
+  else:
+    cfg = dora_jax.LoraConfig(r=spec.rank, lora_alpha=2.0 * spec.rank,
+                              target_modules=list(spec.targets), use_dora=spec.method == "dora")
   layouts = dora_jax.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
   init = jax.jit(lambda key, p: dora_jax.init_adapters(key, p, cfg, layouts=layouts))
   adapters = init(jax.random.key(spec.seed + 1), params)
@@ -171,18 +186,20 @@ def build_step(spec: Spec, dtype: str, attention_impl: str | None):
   def loss_fn(params, adapters, batch, rng):
     return cross_entropy(apply(params, adapters, batch["input_ids"]), batch["targets"])
 
-  tx = optax.adamw(1e-4, weight_decay=0.01, mask=dora_jax.weight_decay_mask)
+  tx = dora_jax.freeze_base(optax.adamw(1e-4, weight_decay=0.01, mask=dora_jax.weight_decay_mask))
   opt_state = tx.init(adapters)
   step = dora_jax.make_train_step(loss_fn, tx)
-  adapted = adapted_matrices(adapters)
-  flops = common.model_flops(config, spec.batch, spec.seq, train=True, rank=spec.rank, adapted=adapted,
-                             dora=spec.method == "dora")
+  adapted = adapted_matrices(adapters, params, layouts)
+  flops = common.model_flops(config, spec.batch, spec.seq, train=True, rank=spec.adapter_rank,
+                             adapted=adapted, dora=spec.method in DORA_METHODS)
 
   def next_args(args, out):
     new_adapters, new_state, _ = out
     return (args[0], new_adapters, new_state, args[3], args[4])
 
-  extra = {"trainable_params": int(sum(x.size for x in jax.tree.leaves(adapters))),
+  trainable = jax.tree.leaves(dora_jax.trainable_mask(adapters))
+  extra = {"trainable_params": int(sum(x.size for x, t in zip(jax.tree.leaves(adapters), trainable)
+                                       if t)),
            "adapted_matrices": int(sum(m.count for m in adapted))}
   return step, (params, adapters, opt_state, batch, jax.random.key(spec.seed + 2)), next_args, flops, extra
 
@@ -284,13 +301,14 @@ class Prepared:
     memory["kind"] += memory_kind_note
     record = {
         "bench": "step_time", "label": spec.label, "method": spec.method,
-        "dora_path": spec.dora_path if spec.method == "dora" else None,
+        "dora_path": (spec.dora_path or DEFAULT_PATH) if spec.method in DORA_METHODS else None,
         "preset": spec.preset, "batch": spec.batch, "seq": spec.seq, "tokens_per_step": tokens,
-        "rank": None if spec.method == "frozen-forward" else spec.rank,
+        "rank": None if spec.method == "frozen-forward" else spec.adapter_rank,
         "targets": None if spec.method == "frozen-forward" else list(spec.targets),
         "dtype": dtype, "scan": spec.scan, "remat": spec.remat, "attention_impl": self.attention_impl,
         "steps": len(self.times), "warmup": max(spec.warmup, 1),
         "median_ms": stats["median_ms"], "step_time": stats,
+        "times_ms": [round(1e3 * t, 3) for t in self.times],
         "tokens_per_s": tokens / median_s,
         "flops_per_step": self.flops["total"], "flops": self.flops, "flops_note": common.FLOPS_NOTE,
         "peak_flops_per_s": peak, "mfu": None if peak is None else self.flops["total"] / median_s / peak,
@@ -350,15 +368,21 @@ def run_isolated(spec: Spec, timeout_s: float | None = None,
 def error_record(spec: Spec, message: str) -> dict[str, Any]:
   return {"bench": "step_time", "label": spec.label, "method": spec.method,
           "dora_path": spec.dora_path, "preset": spec.preset, "batch": spec.batch, "seq": spec.seq,
-          "rank": spec.rank, "dtype": spec.dtype, "error": message, "date": common.utc_now()}
+          "rank": spec.adapter_rank, "dtype": spec.dtype, "error": message, "date": common.utc_now()}
 
 
-def expand_specs(base: Spec, methods: Sequence[str], dora_paths: Sequence[str]) -> list[Spec]:
-  """One spec per method, one per DoRA path for ``dora``; LoRA runs before DoRA (for the ratio)."""
+def expand_specs(base: Spec, methods: Sequence[str], dora_paths: Sequence[str],
+                 vera_ranks: Sequence[int] = ()) -> list[Spec]:
+  """One spec per method, one per DoRA path for ``dora``, one per rank in ``vera_ranks``
+  (default ``base.vera_rank``) for ``vera`` / ``dvora``; LoRA runs before DoRA and VeRA before
+  DVoRA (for the ratios)."""
   specs = []
   for method in sorted(methods, key=METHODS.index):
     if method == "dora":
       specs += [dataclasses.replace(base, method="dora", dora_path=p) for p in dora_paths]
+    elif method in ("vera", "dvora"):
+      specs += [dataclasses.replace(base, method=method, dora_path=None, vera_rank=r)
+                for r in (vera_ranks or (base.vera_rank,))]
     else:
       specs.append(dataclasses.replace(base, method=method, dora_path=None))
   return specs
@@ -378,6 +402,41 @@ def add_ratios(record: dict[str, Any], lora: dict[str, Any] | None,
   return record
 
 
+def per_round_ratio(record: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, float] | None:
+  """Median, min and max over rounds of ``record``'s step / ``reference``'s step of the same
+  round (interleaved runs: both hold ``times_ms`` of equal length), else None."""
+  import statistics
+
+  a, b = record.get("times_ms"), (reference or {}).get("times_ms")
+  if not a or not b or len(a) != len(b):
+    return None
+  r = [x / y for x, y in zip(a, b)]
+  return {"median": round(statistics.median(r), 4), "min": round(min(r), 4), "max": round(max(r), 4)}
+
+
+def add_vera_ratios(record: dict[str, Any], refs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """VeRA/LoRA, DVoRA/VeRA (same ``rank``) and DVoRA/DoRA step-time ratios: of the medians
+  and, from interleaved runs, per round (``*_per_round``). ``refs`` maps ``lora``,
+  ``dora`` (the first DoRA path) and ``vera[r=R]`` to their records."""
+  method, med = record.get("method"), record.get("median_ms")
+  pairs = []
+  if method == "vera":
+    pairs = [("vera_lora", refs.get("lora"))]
+  elif method == "dvora":
+    pairs = [("dvora_vera", refs.get(f"vera[r={record.get('rank')}]")), ("dvora_dora", refs.get("dora")),
+             ("dvora_lora", refs.get("lora"))]
+  elif method == "dora":
+    pairs = [("dora_lora", refs.get("lora"))]
+  for name, ref in pairs:
+    if ref is None:
+      continue
+    record.setdefault(f"{name}_ratio", common.ratio(med, ref.get("median_ms")))
+    per_round = per_round_ratio(record, ref)
+    if per_round:
+      record[f"{name}_ratio_per_round"] = per_round
+  return record
+
+
 def run_all(specs: Sequence[Spec], *, isolate: bool, interleave: bool = False,
             out_path: str | None = None, timeout_s: float | None = None,
             stream=sys.stdout) -> list[dict[str, Any]]:
@@ -385,7 +444,7 @@ def run_all(specs: Sequence[Spec], *, isolate: bool, interleave: bool = False,
 
   ``interleave`` runs all of them in this process, round-robin (:func:`run_interleaved`).
   """
-  results, lora, frozen = [], None, None
+  results, lora, frozen, refs = [], None, None, {}
   done = iter(run_interleaved(specs)) if interleave else None
   for spec in specs:
     if done is not None:
@@ -401,7 +460,10 @@ def run_all(specs: Sequence[Spec], *, isolate: bool, interleave: bool = False,
       lora = rec
     if rec.get("method") == "frozen-forward" and "error" not in rec:
       frozen = rec
-    rec = add_ratios(rec, lora, frozen)
+    rec = add_vera_ratios(add_ratios(rec, lora, frozen), refs)
+    if "error" not in rec:
+      key = "dora" if rec.get("method") == "dora" else rec.get("label")
+      refs.setdefault(key, rec)
     line = json.dumps(rec)
     print(line, file=stream, flush=True)
     if out_path:
@@ -455,7 +517,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help=f"DoRA execution paths to time (dora_jax.wrap's dora_path): {', '.join(DORA_PATHS)}")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--rank", type=int, default=16, help="LoRA / DoRA rank")
+  p.add_argument("--vera-ranks", default="256",
+                 help="comma list of VeRA / DVoRA ranks (PEFT's default 256), one configuration each")
   p.add_argument("--targets", default=",".join(common.DEFAULT_TARGETS), help="comma list of module names")
   p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU/TPU, float32 on CPU), bfloat16, float32")
   p.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
@@ -491,7 +555,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
               targets=common.parse_list(args.targets), dtype=args.dtype, steps=args.steps,
               warmup=args.warmup, scan=args.scan, remat=args.remat,
               attention_impl=args.attention_impl, seed=args.seed, dump_hlo=args.dump_hlo)
-  results = run_all(expand_specs(base, methods, paths), isolate=args.isolate,
+  vera_ranks = tuple(int(r) for r in common.parse_list(args.vera_ranks))
+  results = run_all(expand_specs(base, methods, paths, vera_ranks), isolate=args.isolate,
                     interleave=args.interleave, out_path=args.out, timeout_s=args.timeout)
   if args.plot:
     plot(results, args.plot)

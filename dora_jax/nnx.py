@@ -34,6 +34,10 @@ Functional route (the merged fallback, any NNX model)::
 :func:`param_dict` gives the ``Param`` state as the nested ``{str: ...}`` dict that
 :func:`dora_jax.init_adapters`, :func:`dora_jax.merge` and :func:`dora_jax.decompose`
 take; :func:`merged_state` folds adapters into an ``nnx.State``.
+
+QLoRA / QDoRA: :func:`quantize` (from :mod:`dora_jax.nnx_quant`) turns the linear modules
+into quantized ones before :func:`apply_adapters`; their kernels are dequantized inside
+each call and :func:`merge_adapters` returns full-precision ``W'``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from dora_jax import core
 from dora_jax._logging import _said  # tests clear it to see a notice again
 from dora_jax._logging import say_once
 from dora_jax import initialize
+from dora_jax import quant
 from dora_jax import tree as tree_lib
 from dora_jax import variants
 from dora_jax.config import LoraConfig
@@ -118,8 +123,11 @@ def _matrix_dims(module: nnx.Module) -> tuple[int, int]:
 
 
 def kernel_matrix(module: nnx.Module) -> Array:
-  """The kernel (embedding) of a supported module as ``W0: [I, O]``."""
-  w = _weight(module)[...]
+  """The kernel (embedding) of a supported module as ``W0: [I, O]`` (a quantized kernel,
+  :mod:`dora_jax.nnx_quant`, dequantized to its original dtype)."""
+  w = _weight(module).get_value()
+  if quant.is_quantized(w):
+    w = quant.dequantize(w)
   perm = _kernel_perm(module)
   if perm is not None:
     w = jnp.transpose(w, perm)
@@ -518,14 +526,20 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
   """Replaces each :class:`AdaptedLinear` by a copy of its base module holding ``W'``, in place.
 
   The result has the structure (and state paths) of the model before
-  :func:`apply_adapters`: export it, or run it without dora_jax.
+  :func:`apply_adapters`: export it, or run it without dora_jax. A quantized base module
+  (:func:`quantize`) becomes its plain type with the full-precision ``W'``.
 
   Returns:
     ``model`` (a new object if the root itself was a wrapper).
   """
+  from dora_jax import nnx_quant  # pylint: disable=g-import-not-at-top  (imports this module)
+
   for p, w in wrappers(model):
-    merged = nnx.clone(w.base_layer)
-    _weight(merged)[...] = w.merged_kernel()
+    if nnx_quant.is_quantized_module(w.base_layer):  # QLoRA / QDoRA: W' in full precision
+      merged = nnx_quant.plain_copy(w.base_layer, kernel=w.merged_kernel())
+    else:
+      merged = nnx.clone(w.base_layer)
+      _weight(merged)[...] = w.merged_kernel()
     model = _replace(model, p, merged)
   return model
 
@@ -645,3 +659,14 @@ def functional_apply(graphdef: nnx.GraphDef, state: nnx.State | Sequence[nnx.Sta
   states = tuple(state) if isinstance(state, (tuple, list)) else (state,)
   module = nnx.merge(graphdef, merged_state(states[0], adapters, config), *states[1:])
   return module(*args, **kwargs)
+
+
+# QLoRA / QDoRA: quantized linear modules (defined in dora_jax.nnx_quant, which imports this module).
+from dora_jax.nnx_quant import (  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+    QuantizedEinsum,
+    QuantizedLinear,
+    QuantizedLinearGeneral,
+    dequantize,
+    is_quantized_module,
+    quantize,
+)

@@ -116,3 +116,35 @@ def test_peft_compare_summary_ratios():
   assert "dora/peft-compile" not in vs  # the failed configuration is left out, not counted as 0
   assert rec["dora_lora_step_ratio_ours"]["dora"]["median"] == 1.2
   assert rec["dora_lora_step_ratio_peft"]["eager"]["median"] == 1.5
+
+
+def test_vera_specs_and_per_round_ratios():
+  specs = step_time.expand_specs(step_time.Spec(), ["dvora", "vera", "lora"], ["custom_vjp"], (256, 16))
+  assert [s.label for s in specs] == ["lora", "vera[r=256]", "vera[r=16]", "dvora[r=256]", "dvora[r=16]"]
+  assert [s.adapter_rank for s in specs] == [16, 256, 16, 256, 16]
+  vera = {"method": "vera", "rank": 16, "median_ms": 10.0, "times_ms": [10.0, 20.0, 10.0]}
+  dvora = {"method": "dvora", "rank": 16, "median_ms": 12.0, "times_ms": [11.0, 30.0, 14.0]}
+  out = step_time.add_vera_ratios(dvora, {"vera[r=16]": vera, "vera[r=256]": {"times_ms": [1.0] * 3}})
+  assert out["dvora_vera_ratio"] == 1.2
+  assert out["dvora_vera_ratio_per_round"] == {"median": 1.4, "min": 1.1, "max": 1.5}
+
+
+def test_quant_memory_bits_and_compiled_step_memory():
+  """NF4 + double quantization against a hand count of its leaves; a compiled (abstract) step."""
+  from bench import quant_memory
+
+  rec = quant_memory.bytes_record("tiny", "nf4")
+  c = common.PRESETS["tiny"]
+  h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+  sizes = [h * h, h * kv, h * kv, h * h, h * f, h * f, f * h]  # q, k, v, o, gate, up, down
+  ceil = lambda a, b: -(-a // b)
+  # codes n/2 bytes; 8-bit absmax codes (padded to 256 per block group); fp32 scale per 256; offset
+  per_layer = sum(n // 2 + ceil(n // 64, 256) * (256 + 4) + 4 for n in sizes)
+  assert rec["kernel_bytes"] == c.num_hidden_layers * per_layer
+  assert rec["kernel_params"] == c.num_hidden_layers * sum(sizes)
+  assert 4.12 < rec["kernel_bits_per_param"] < 4.14
+  mem = quant_memory.memory_record("tiny", "nf4", "dora", 1, 16, targets=("q_proj",))
+  assert mem["xla"]["temp_bytes"] > 0
+  assert mem["xla"]["argument_bytes"] >= mem["base_bytes"] + mem["adapter_bytes"] + mem["opt_state_bytes"]
+  text = quant_memory.tables([rec, mem])
+  assert "| tiny | nf4 | 4.1" in text and "| tiny | 1×16 | none |" in text
