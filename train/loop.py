@@ -195,7 +195,9 @@ def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSign
   primary = jax.process_index() == 0
   init_key, rng = jax.random.split(jax.random.key(cfg.seed))
   ms = setup_model(cfg, mesh, init_key, say, t_start)
-  tracker = _tracker(cfg, ms)
+  tracker = analysis.make_tracker(
+      ms.trainable, ms.params, ms.lcfg, cfg.track_modules if cfg.track_decomposition else None,
+      model=ms.model if cfg.scan_layers else None)
   ds = setup_data(cfg, ms.tokenizer, say)
   steps = _make_steps(cfg, mesh, ms, ds, say)
   state = TrainState(ms.trainable, jax.jit(steps.tx.init, out_shardings=steps.o_sh)(ms.trainable), rng)
@@ -254,7 +256,7 @@ def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSign
   }
   if primary:
     if tracker is not None:
-      summary["decomposition_slopes"] = _plot_decomposition(out, cfg.method, say)
+      summary["decomposition_slopes"] = analysis.plot_at_end(out, cfg.method, say)
     write_atomic(out / METRICS_SUMMARY, json.dumps(summary, indent=2, default=str))
     plot_run(out, ds.task.kind)
   return summary
@@ -449,40 +451,3 @@ def _train(cfg: TrainConfig, frozen, state: TrainState, steps: Steps, iterator, 
     ckpt.close()
   return history, step
 
-
-def _tracker(cfg: TrainConfig, ms: ModelSetup):
-  """``track(step, trainable) -> records`` for ``--track-decomposition`` (None when off): ΔM
-  and ΔD of ``--track-modules`` against the base kernels kept at step 0 (the frozen base for
-  adapter methods; a host copy for full fine-tuning, whose step donates the params).
-
-  Raises:
-    ValueError: a tracked module name that matches no adapted kernel, or several processes.
-  """
-  if not cfg.track_decomposition:
-    return None
-  if jax.process_count() > 1:
-    raise ValueError("--track-decomposition runs on a single process (it gathers the adapters on"
-                     " the host): drop it for multi-host runs and analyse the checkpoints instead.")
-  layouts = None
-  if ms.lcfg is None:
-    base = analysis.base_copy(ms.trainable)
-    if cfg.scan_layers:
-      layouts = dora_jax.kernel_layouts(ms.model, np.zeros((1, 8), np.int32))
-  else:
-    base = ms.params
-  track = lambda step, trainable: analysis.track(step, base, trainable, ms.lcfg, cfg.track_modules,
-                                                 layouts=layouts)
-  track(0, ms.trainable)  # bad module names fail now, not after the first N steps
-  return track
-
-
-def _plot_decomposition(out: Path, method: str, say) -> dict[str, dict[str, float]] | None:
-  """``decomposition.png`` from the run's records; returns the slopes (None without matplotlib)."""
-  try:
-    slopes = analysis.plot_run_decomposition(out / METRICS_LINES, out / "decomposition.png", label=method)
-  except ImportError as e:
-    say(f"no decomposition.png: {e}")
-    return None
-  say("ΔM/ΔD slope per module: " + ", ".join(f"{m} {v:.3g}" for m, v in slopes[method].items())
-      + f" ({out / 'decomposition.png'})")
-  return slopes[method]
