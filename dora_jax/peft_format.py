@@ -229,6 +229,16 @@ _DVORA_MESSAGE = (
     " Export the merged weights instead (dora_jax.merge, or the trainer's --export merged).")
 
 
+def tied_dora_message(paths: Any, fix: str = (
+    "Export the merged weights, leave the embedding out of target_modules, or pass"
+    " tied_embeddings=False if the embedding is not the head.")) -> str:
+  """Why DoRA on an embedding that is also the LM head has no PEFT export (one line), and
+  ``fix``: what to do instead."""
+  return (f"{paths} put DoRA on an embedding that the model also uses as its LM head (the params"
+          " have no lm_head): PEFT has no equivalent (its DoRA on the head normalizes the other"
+          f" axis). {fix}")
+
+
 def _tied_embedding_paths(params: Any, adapters: Mapping, force: bool = False) -> list[str]:
   """Adapted ``nn.Embed`` modules that are (most likely, or with ``force``) also the LM head
   (``attend``): the params have no separate ``lm_head`` module."""
@@ -340,11 +350,7 @@ def export_peft(
   if params is not None and tied_embeddings is not False:
     tied = _tied_embedding_paths(params, adapters, force=bool(tied_embeddings))
     if tied and getattr(config, "use_dora", False):
-      raise ValueError(
-          f"{tied} put DoRA on an embedding that the model also uses as its LM head (the params"
-          " have no lm_head): PEFT has no equivalent (its DoRA on the head normalizes the other"
-          " axis). Export the merged weights, leave the embedding out of target_modules, or pass"
-          " tied_embeddings=False if the embedding is not the head.")
+      raise ValueError(tied_dora_message(tied))
   tensors = peft_state_dict(adapters, params=params, module_name_map=module_name_map, dtype=dtype,
                             layouts=layouts)
   if len(tied) > 1:

@@ -56,7 +56,7 @@ import dora_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dora_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top,wrong-import-position
 from train import analysis  # pylint: disable=g-import-not-at-top,wrong-import-position
 from train.checkpoint import TrainCheckpointer  # pylint: disable=g-import-not-at-top,wrong-import-position
-from train.config import TrainConfig, make_config, read_config_file  # pylint: disable=g-import-not-at-top,wrong-import-position
+from train.config import TrainConfig, flatten_config, make_config, read_config_file  # pylint: disable=g-import-not-at-top,wrong-import-position
 from train.loop import lora_config, run  # pylint: disable=g-import-not-at-top,wrong-import-position
 from train.modeling import load_base_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -117,7 +117,7 @@ def _parse_set(items) -> dict[str, Any]:
 
 def common_options(args) -> dict[str, Any]:
   """The main job's options with this script's overrides (method fields are set per run)."""
-  opts = read_config_file(MAIN_JOB)
+  opts = flatten_config(read_config_file(MAIN_JOB))  # [lora] r, lora_alpha -> rank, alpha
   for k in ("method", "rank", "alpha", "output_dir", "export", "resume"):
     opts.pop(k, None)
   if args.quick:

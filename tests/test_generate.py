@@ -213,3 +213,35 @@ def test_cli_generates_the_same_from_every_source(run_dir, capsys):
     assert origin in out.err
   assert cli.main(["--run", str(run / "nope"), "x"]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_load_run_rebuilds_the_quantized_base_and_keeps_regex_targets(tmp_path):
+  """A run trained with --quantize nf4 and a regex target_modules: load_run gives the NF4 base
+  (quantized here again, independently) and the regex, not its characters as names."""
+  from train.checkpoint import TrainCheckpointer
+  from train.config import TrainConfig
+  from train.generate import load_base, load_run
+  from train.loop import lora_config, run_fingerprint
+
+  run = tmp_path / "qrun"
+  cfg = TrainConfig(model="tiny-random", method="dora", quantize="nf4", rank=2, alpha=4.0,
+                    targets=".*(q|v)_proj", output_dir=str(run))
+  base = load_base(cfg.model)
+  layouts = dora_jax.kernel_layouts(base.model, jnp.zeros((1, 8), jnp.int32))
+  qparams = dora_jax.quantize(base.params, method="nf4", layouts=layouts)
+  lcfg = lora_config(cfg)
+  adapters = dora_jax.init_adapters(jax.random.key(0), qparams, lcfg)
+  adapters = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(1), x.shape), adapters)
+  with TrainCheckpointer(run / "checkpoints", run_fingerprint(cfg), async_save=False) as ckpt:
+    ckpt.save(2, {"trainable": adapters, "rng": jax.random.key(0)}, force=True)
+  (run / "metrics.json").write_text(json.dumps({"config": cfg.to_dict()}))
+  gen = load_run(run, source="checkpoint")
+  assert gen.lora_config.target_modules == ".*(q|v)_proj" and gen.lora_config == lcfg
+  assert "nf4-quantized base" in gen.description
+  q = dora_jax.tree.get_path(gen.params, "model/layers_0/self_attn/q_proj")["kernel"]
+  want = dora_jax.tree.get_path(qparams, "model/layers_0/self_attn/q_proj")["kernel"]
+  assert dora_jax.quant.is_quantized(q)
+  np.testing.assert_array_equal(dora_jax.quant.dequantize(q), dora_jax.quant.dequantize(want))
+  for got, ref in zip(jax.tree.leaves(gen.base_norms),
+                      jax.tree.leaves(dora_jax.linen.base_norms(qparams, adapters))):
+    np.testing.assert_allclose(got, ref, rtol=1e-6)  # QDoRA: the norms of the dequantized W0

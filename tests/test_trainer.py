@@ -191,3 +191,22 @@ def test_vera_peft_export_is_refused_before_training(tmp_path, method, export, c
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
   assert not (tmp_path / "never").exists()  # refused before anything was loaded or written
+
+
+def test_offload_optimizer_trains_and_resumes_like_device_state(full_run, tmp_path):
+  """--offload-optimizer: Adam's state lives in pinned host memory, and the adapters equal the
+  uninterrupted run's with the state on the device, also across a stop and --resume."""
+  tmp, _, summary = full_run
+  if not dora_jax.sharding.supports_host_offload():
+    with pytest.raises(SystemExit, match="pinned_host"):
+      run(_cfg(tmp_path, out="off", offload_optimizer=True))
+    return
+  assert run(_cfg(tmp, out="off", export="both", offload_optimizer=True, stop_after=3))["stopped_at"] == 3
+  off = run(_cfg(tmp, out="off", export="both", offload_optimizer=True, resume=True))
+  assert off["optimizer_state_memory"] == ["pinned_host"]
+  assert summary["optimizer_state_memory"] == ["device"]
+  a = load_file(str(tmp / "full" / "peft_adapter" / "adapter_model.safetensors"))
+  b = load_file(str(tmp / "off" / "peft_adapter" / "adapter_model.safetensors"))
+  assert a.keys() == b.keys() and len(a) > 0
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)

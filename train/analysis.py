@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
 import dora_jax
-from train.run_dir import METRICS_SUMMARY, read_records
+from train.run_dir import METRICS_LINES, METRICS_SUMMARY, read_records
 
 KIND = "decomposition"
 
@@ -99,3 +99,43 @@ def plot_run_decomposition(metrics_jsonl_path: str | Path, out_png: str | Path,
   if modules is None:
     modules = sorted({r["module"].rsplit("/", 1)[-1] for r in recs})
   return dora_jax.plot_decomposition({label: recs}, out_png, modules=modules)
+
+
+def make_tracker(trainable: Any, base_params: Any, lora_config: Any, modules: Sequence[str] | None, *,
+                 model: Any = None) -> Callable[[int, Any], list[dict[str, Any]]] | None:
+  """The trainer's ``--track-decomposition``: ``track(step, trainable) -> records`` (None when
+  ``modules`` is empty: tracking off), against the base kernels kept now, at step 0: the
+  frozen ``base_params`` for adapter methods, a host copy of ``trainable`` for full fine-tuning
+  (``lora_config`` None; its step donates the params). ``model``: for full fine-tuning of
+  stacked (``--scan-layers``) kernels, whose layouts it gives.
+
+  Raises:
+    ValueError: a module name that matches no (adapted) kernel — checked now, before training —
+      or several processes (the adapters are gathered on the host).
+  """
+  if not modules:
+    return None
+  if jax.process_count() > 1:
+    raise ValueError("--track-decomposition runs on a single process (it gathers the adapters on"
+                     " the host): drop it for multi-host runs and analyse the checkpoints instead.")
+  layouts = None
+  if lora_config is None:
+    base_params = base_copy(trainable)
+    if model is not None:
+      layouts = dora_jax.kernel_layouts(model, np.zeros((1, 8), np.int32))
+  fn = lambda step, tuned: track(step, base_params, tuned, lora_config, modules, layouts=layouts)
+  fn(0, trainable)  # bad module names fail now, not after the first N steps
+  return fn
+
+
+def plot_at_end(out: Path, method: str, say: Callable[..., None]) -> dict[str, float] | None:
+  """``out/decomposition.png`` from the run's records; returns ``{module: slope}`` (None
+  without matplotlib, said in one line)."""
+  try:
+    slopes = plot_run_decomposition(out / METRICS_LINES, out / "decomposition.png", label=method)
+  except ImportError as e:
+    say(f"no decomposition.png: {e}")
+    return None
+  say("ΔM/ΔD slope per module: " + ", ".join(f"{m} {v:.3g}" for m, v in slopes[method].items())
+      + f" ({out / 'decomposition.png'})")
+  return slopes[method]

@@ -97,12 +97,32 @@ class TrainConfig:
   warmup_steps: int = _field(20, "Linear warmup steps before the cosine decay.", resume_key=True)
   min_lr_ratio: float = _field(0.1, "The cosine decays to learning_rate * min_lr_ratio.", resume_key=True)
   weight_decay: float = _field(0.0, "AdamW weight decay (never applied to DoRA magnitudes, norms or biases).", resume_key=True)
+  loraplus_lr_ratio: float = _field(
+      0.0, "PEFT's loraplus_lr_ratio: LoRA+ (Hayou et al. 2024) trains lora_b (and magnitudes / VeRA's"
+      " vectors) at this multiple of the learning rate, e.g. 16 (0 = off, plain AdamW). Adapter"
+      " methods only.", resume_key=True)
   grad_clip: float = _field(1.0, "Clip the global gradient norm to this value (0 = off).", resume_key=True)
+  offload_optimizer: bool = _field(
+      False, "Keep the optimizer state (Adam's two moments) in pinned host memory between steps; each"
+      " step streams it through the device (the JAX way to QLoRA's paged optimizers). Where the"
+      " backend has no pinned host memory the run is refused at startup.")
   seed: int = _field(0, "Seed of the adapter init, the data order, the split and dropout.", resume_key=True)
 
   # --- evaluation, logging, checkpoints
   eval_every: int = _field(0, "Evaluate every N steps (0 = only before and after training).")
+  track_decomposition: int = _field(
+      0, "Every N steps (and at the last), record the DoRA paper's weight decomposition (§3, Fig. 2):"
+      " ΔM and ΔD per layer of each --track-modules kernel against the base, into metrics.jsonl"
+      " (kind 'decomposition'), and draw decomposition.png at the end (0 = off).")
+  track_modules: tuple[str, ...] = _field(
+      ("q_proj", "v_proj"), "Module names whose decomposition --track-decomposition records (comma"
+      " separated; the paper tracks q_proj and v_proj).")
   eval_batch_size: int = _field(32, "Rows per evaluation batch.")
+  eval_generate: int = _field(
+      32, "Prompt/response tasks: at each evaluation, generate greedily for the first N held-out"
+      " prompts and report exact_match (the generation equals the response, whitespace stripped)"
+      " next to perplexity (0 = off).")
+  eval_samples: int = _field(3, "Of those generations, print this many (prompt, generated, reference).")
   output_dir: str = _field("runs/default", "Where metrics, checkpoints and the exported model go.")
   log_every: int = _field(1, "Write metrics.jsonl every N steps.")
   save_every: int = _field(0, "Checkpoint adapters + optimizer + data position every N steps (0 = only at the end).")
@@ -128,6 +148,17 @@ class TrainConfig:
       raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
     if isinstance(self.targets, list):
       object.__setattr__(self, "targets", tuple(self.targets))
+    if isinstance(self.track_modules, (list, str)):
+      names = self.track_modules.split(",") if isinstance(self.track_modules, str) else self.track_modules
+      object.__setattr__(self, "track_modules", tuple(n.strip() for n in names if n.strip()))
+    if self.eval_generate < 0 or self.eval_samples < 0:
+      raise ValueError(f"eval_generate and eval_samples must be >= 0, got {self.eval_generate},"
+                       f" {self.eval_samples}.")
+    if self.track_decomposition < 0:
+      raise ValueError(f"track_decomposition must be a step interval >= 0 (0 = off), got"
+                       f" {self.track_decomposition}.")
+    if self.track_decomposition and not self.track_modules:
+      raise ValueError("--track-decomposition needs module names in --track-modules (e.g. q_proj,v_proj).")
     if isinstance(self.targets, tuple) and not all(isinstance(t, str) and t for t in self.targets):
       raise ValueError(f"target_modules must be module names (strings), got {list(self.targets)!r}.")
     if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -156,6 +187,9 @@ class TrainConfig:
              else "the PEFT export of VeRA adapters is not available in this trainer yet")
       raise ValueError(f"--export {self.export} with --method {self.method}: {why}; use --export"
                        " merged (or none).")
+    if self.loraplus_lr_ratio < 0 or (self.loraplus_lr_ratio and self.method == "full"):
+      raise ValueError(f"loraplus_lr_ratio={self.loraplus_lr_ratio}: LoRA+ needs an adapter method"
+                       " (dora, lora, vera, dvora) and a ratio > 0 (0 = off).")
     if self.batch_size % max(self.grad_accum, 1):
       raise ValueError(
           f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}.")
@@ -268,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "default": argparse.SUPPRESS}
     if kind is bool:
       kw.update(nargs="?", const=True, type=lambda s: _parse_value(bool, s), metavar="BOOL")
+    elif f.name == "track_modules":
+      kw.update(type=lambda s: tuple(p.strip() for p in s.split(",") if p.strip()), metavar="A,B,...")
     elif kind is tuple:
       kw.update(type=parse_target_modules, metavar="A,B,...|all-linear|re:REGEX")
     else:

@@ -104,14 +104,26 @@ def _checkpoint_record(ckpt_dir: Path, step: int | None = None) -> tuple[int, di
 
 
 def _train_config(cfg: dict[str, Any]):
-  """A ``TrainConfig`` with the run's model and adapter fields (the rest default)."""
+  """A ``TrainConfig`` with the run's model, base and adapter fields (the rest default).
+
+  ``targets`` keeps its form: a list is module names, a string 'all-linear' or a regex (as
+  ``metrics.json`` and the checkpoint record store them)."""
   from train.config import TrainConfig
-  keys = ("model", "dtype", "scan_layers", "method", "targets", "rank", "alpha", "dropout", "rslora",
-          "chat_template", "system_prompt")
+  keys = ("model", "dtype", "scan_layers", "method", "quantize", "targets", "rank", "alpha", "dropout",
+          "rslora", "d_initial", "projection_prng_key", "chat_template", "system_prompt")
   kw = {k: cfg[k] for k in keys if k in cfg}
-  if "targets" in kw:
+  if isinstance(kw.get("targets"), list):
     kw["targets"] = tuple(kw["targets"])
   return TrainConfig(**kw)
+
+
+def quantized_base(gen: Generator, method: str) -> Any:
+  """The base params quantized as the trainer's ``--quantize method`` did
+  (:func:`train.setup.quantize_base`'s selection: every linear kernel but ``lm_head``)."""
+  import jax.numpy as jnp
+  import dora_jax
+  layouts = dora_jax.kernel_layouts(gen.model, jnp.zeros((1, 8), jnp.int32))
+  return dora_jax.quantize(gen.params, method=method, layouts=layouts)
 
 
 def _model(config, dtype: str, scan_layers: bool):
@@ -143,7 +155,7 @@ def load_run(run: str | os.PathLike, source: str = "auto", step: int | None = No
   """
   import jax
   import dora_jax
-  from train.loop import lora_config, system_prompt
+  from train.setup import lora_config, system_prompt
 
   if source not in SOURCES:
     raise ValueError(f"--source must be one of {SOURCES}, got {source!r}.")
@@ -173,16 +185,20 @@ def load_run(run: str | os.PathLike, source: str = "auto", step: int | None = No
 
   gen = load_base(cfg.model, cfg.dtype, cfg.scan_layers)
   gen.chat_template, gen.system_prompt = fmt["chat_template"], fmt["system_prompt"]
+  full_precision, on = gen.params, cfg.model
+  if cfg.quantize != "none":  # the adapters trained on (and the PEFT export applies to) this base
+    gen.params = quantized_base(gen, cfg.quantize)
+    on = f"{cfg.model} ({cfg.quantize}-quantized base)"
   if source == "peft":
-    adapters, lcfg = dora_jax.import_peft(run / "peft_adapter", gen.params)
-    gen.description = f"{run / 'peft_adapter'} on {cfg.model}"
+    adapters, lcfg = dora_jax.import_peft(run / "peft_adapter", full_precision)  # shapes: the fp kernels
+    gen.description = f"{run / 'peft_adapter'} on {on}"
   else:
     from train.checkpoint import TrainCheckpointer
     ckpt_step, record = _checkpoint_record(run / "checkpoints", step)
     with TrainCheckpointer((run / "checkpoints").absolute(), record["config"], async_save=False) as ckpt:
       trainable = ckpt.restore(ckpt_step)["trainable"]
     lcfg = lora_config(cfg)
-    gen.description = f"{run / 'checkpoints'} step {ckpt_step} ({cfg.method}) on {cfg.model}"
+    gen.description = f"{run / 'checkpoints'} step {ckpt_step} ({cfg.method}) on {on}"
     if lcfg is None:  # full fine-tuning: the checkpoint holds every weight
       gen.params = jax.tree.map(lambda p, t: jax.numpy.asarray(t, p.dtype), gen.params, trainable)
       return gen

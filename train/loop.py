@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 import logging
 import math
 import signal
@@ -19,92 +20,45 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import dora_jax
-from dora_jax.models.llama import Llama
-from train import data as data_lib
+from train import analysis
 from train import mesh as mesh_lib
 from train import steps as steps_lib
 from train.checkpoint import CorruptCheckpointError, TrainCheckpointer
 from train.config import TrainConfig
-from train.modeling import load_base_model
+from train.evaluate import (  # noqa: F401
+    evaluate, fmt as _fmt, generation_scorer, make_evaluator, make_score_step)
+from train.export import base_model_path, export, plot_run  # noqa: F401
 from train.run_dir import (
     METRICS_LINES,
     METRICS_SUMMARY,
     MetricsWriter,
     RunLock,
     read_records,
-    recover_dir,
     remove_run_files,
-    replace_dir,
     write_atomic,
+)
+from train.setup import (  # noqa: F401  (re-exported: the trainer's public helpers)
+    DataSetup,
+    ModelSetup,
+    cached_base_norms,
+    check_before_loading,
+    lora_config,
+    quantize_base,
+    setup_data,
+    setup_model,
+    split_report,
+    system_prompt,
+    with_loss_positions,
 )
 
 logger = logging.getLogger("train")
 
 
-
 # ---------------------------------------------------------------------------
-# Setup pieces
-
-
-def lora_config(cfg: TrainConfig) -> dora_jax.LoraConfig | dora_jax.VeraConfig | None:
-  """The adapter config of a run: a ``LoraConfig`` (dora, lora), a ``VeraConfig`` (vera,
-  dvora: ``use_dora``), or None for full fine-tuning."""
-  if cfg.method == "full":
-    return None
-  targets = cfg.targets  # names (a tuple), 'all-linear' or a regex (a str): nothing guessed
-  if cfg.method in ("vera", "dvora"):
-    return dora_jax.VeraConfig(
-        r=cfg.rank, target_modules=targets, projection_prng_key=cfg.projection_prng_key,
-        vera_dropout=cfg.dropout, d_initial=cfg.d_initial, use_dora=cfg.method == "dvora")
-  return dora_jax.LoraConfig(
-      r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.dropout,
-      use_dora=cfg.method == "dora", use_rslora=cfg.rslora)
-
-
-def quantize_base(params, method: str, layouts, shardings) -> tuple[Any, Any]:
-  """``(quantized params, their shardings)``: every linear kernel but ``lm_head`` quantized
-  (:func:`dora_jax.quantize`, QLoRA's choice), each straight into the shards of the kernel it
-  replaces (:func:`dora_jax.quantized_param_shardings`)."""
-  qparams = dora_jax.quantize(params, method=method, layouts=layouts, shardings=shardings)
-  return qparams, dora_jax.quantized_param_shardings(qparams, shardings)
-
-
-def cached_base_norms(params, adapters, adapter_shardings) -> tuple[Any, Any]:
-  """``(||W0||²_c per DoRA adapter, their shardings)``, or ``(None, None)`` without DoRA.
-
-  :func:`dora_jax.linen.base_norms` computed once under ``jit``, each ``[*stack, O]`` sharded
-  like its magnitude (:func:`dora_jax.sharding.adapter_shardings`); a quantized base gives the
-  dequantized kernel's norms (QDoRA)."""
-  from dora_jax import linen, tree as tree_lib
-
-  norm_sh = {path: {linen.NORM_KEY: ad[dora_jax.variants.MAGNITUDE]}
-             for path, ad in tree_lib.flatten_adapters(adapter_shardings).items()
-             if dora_jax.variants.MAGNITUDE in ad}
-  if not norm_sh:
-    return None, None
-  n_sh = tree_lib.unflatten(norm_sh)
-  return jax.jit(linen.base_norms, out_shardings=n_sh)(params, adapters), n_sh
-
-
-def split_report(examples, eval_size: float, n_eval: int, n_train: int, train_size: int) -> str:
-  """One line saying how the task's rows became train and eval examples."""
-  n, distinct = len(examples), len(set(examples))
-  spec = f"{eval_size:g} of the distinct" if eval_size < 1 else f"{int(eval_size)}"
-  dup = f" ({n - distinct} exact duplicates count once)" if n > distinct else ""
-  left_out = n - n_eval - n_train if not train_size else None
-  cap = f", capped at --train-size {train_size}" if train_size else ""
-  rest = (f"; {left_out} copies of eval examples left out of train" if left_out else "")
-  return (f"split: {n} examples, {distinct} distinct{dup}; eval = {spec} -> {n_eval} (stratified by"
-          f" label where there are labels), train = the other {n_train}{cap}{rest}")
-
-
-def system_prompt(cfg: TrainConfig) -> str | None:
-  """The data pipeline's ``system_prompt``: None keeps the template's default."""
-  return {"default": None, "none": ""}.get(cfg.system_prompt, cfg.system_prompt)
+# Fingerprints
 
 
 def run_fingerprint(cfg: TrainConfig, data_sha256: str | None = None) -> dict[str, Any]:
@@ -141,66 +95,6 @@ def data_fingerprint(*parts: Any) -> str:
     visit(part, str(i))
   return "sha256:" + h.hexdigest()
 
-
-def with_loss_positions(arrays: dict[str, np.ndarray], k: int | None) -> dict[str, np.ndarray]:
-  """Adds ``logits_at [N, K]`` so the LM head runs only where the loss is."""
-  if k is None:
-    return arrays
-  return {**arrays, "logits_at": steps_lib.loss_positions(arrays["loss_mask"], k)}
-
-
-# ---------------------------------------------------------------------------
-# Evaluation
-
-
-def evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg: TrainConfig,
-             multiple: int = 1, place=lambda b: b) -> dict[str, float]:
-  """Accuracy (label tasks: the label continuation with the highest likelihood) or
-  perplexity (text and generation tasks) on the held-out set.
-
-  Every process evaluates the whole held-out set (rows replicated; ``multiple`` rounds the
-  batch up so it splits over the mesh's batch axes)."""
-  bs = -(-cfg.eval_batch_size // multiple) * multiple
-  from tqdm.auto import tqdm
-  bar = lambda n: tqdm(range(0, n, bs), desc="evaluating", unit="batch", leave=False, file=sys.stderr,
-                       disable=not cfg.progress or jax.process_index() != 0, dynamic_ncols=True)
-  if task.kind == "label":
-    arrays, label_ids, gold = eval_set
-    n = arrays["input_ids"].shape[0]
-    scores = []
-    for i in bar(n):
-      batch = place(steps_lib.pad_rows({k: v[i:i + bs] for k, v in arrays.items()}, bs))
-      scores.append(np.asarray(score_step(frozen, trainable, batch))[: min(bs, n - i)])
-    scores = np.concatenate(scores)
-    if label_ids is None:  # one row per (example, label): summed log-likelihood of the label
-      scores = scores.reshape(-1, len(task.labels))
-    pred = scores.argmax(-1)
-    return {"accuracy": float(np.mean(pred == gold)), "eval_examples": int(len(gold))}
-  n = eval_set["input_ids"].shape[0]
-  total, count = 0.0, 0.0
-  for i in bar(n):
-    batch = place(steps_lib.pad_rows({k: v[i:i + bs] for k, v in eval_set.items()}, bs))
-    nll, cnt = eval_step(frozen, trainable, batch)
-    total += float(np.sum(nll))
-    count += float(np.sum(cnt))
-  loss = total / max(count, 1.0)
-  return {"eval_loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "eval_tokens": int(count)}
-
-
-def make_score_step(forward, label_ids: np.ndarray | None):
-  """Label scores per row: fast path (each label one token: logits of those tokens at the
-  last prompt position) or the summed log-likelihood of the label tokens."""
-  if label_ids is not None:
-    ids = jnp.asarray(label_ids)
-
-    def fast(frozen, trainable, batch):
-      logits = forward(frozen, trainable, batch, None, False)[:, 0]  # [B, V] at logits_at
-      return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, ids]
-
-    return jax.jit(fast)
-
-  eval_step = steps_lib.make_eval_step(forward)
-  return jax.jit(lambda f, t, b: -eval_step(f, t, b)[0])
 
 
 # ---------------------------------------------------------------------------
@@ -269,6 +163,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
   SIGTERM save the last finished step and raise :class:`StopRequested`.
   """
   t_start = time.time()
+  check_before_loading(cfg)
   # --- devices
   mesh_lib.initialize_distributed(cfg.coordinator_address or None, cfg.num_processes or None,
                                  cfg.process_id if cfg.process_id >= 0 else None)
@@ -279,6 +174,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
   try:
     if took_over:
       say(took_over)
+    if cfg.offload_optimizer and not dora_jax.sharding.supports_host_offload():
+      raise SystemExit(f"--offload-optimizer: the {jax.default_backend()} backend has no"
+                       f" '{dora_jax.sharding.HOST_MEMORY_KIND}' memory to keep the optimizer state"
+                       " in; drop the flag (the state then stays in device memory).")
     mesh = mesh_lib.make_mesh(cfg.mesh or None)
     multiple = mesh_lib.batch_size_multiple(mesh)
     if cfg.batch_size % (multiple * cfg.grad_accum):
@@ -293,166 +192,217 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSignals) -> dict[str, Any]:
-  sh = dora_jax.sharding
-  multiple = mesh_lib.batch_size_multiple(mesh)
   primary = jax.process_index() == 0
-
-  # --- model (loaded into its shardings), data
-  def shardings_for(config):
-    abstract = sh.abstract_params(Llama(config, scan_layers=cfg.scan_layers), jnp.zeros((1, 8), jnp.int32))
-    return sh.param_shardings(abstract, mesh)
-
-  base = load_base_model(cfg, shardings_for)
-  model = Llama(base.config, dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers, remat=cfg.remat)
-  p_sh = shardings_for(base.config)
-  params = base.params
-  n_base = dora_jax.count_params(params)
-  tokenizer = base.tokenizer
-  say(f"model {cfg.model}: {base.config.num_params() / 1e6:.1f}M params ({time.time() - t_start:.1f}s to load)")
-
-  task = data_lib.load_task(cfg.task, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
-                            text_field=cfg.text_field, label_field=cfg.label_field)
-  train_ex, eval_ex = data_lib.split_examples(task.examples, cfg.eval_size, cfg.seed)
-  if cfg.train_size:
-    train_ex = train_ex[: cfg.train_size]
-  fmt = {"chat_template": cfg.chat_template, "system_prompt": system_prompt(cfg)}
-  train_arrays = data_lib.build_dataset(task, train_ex, tokenizer, cfg.seq_len, packing=cfg.packing, **fmt)
-  loss_k = None
-  if task.kind != "text" and not cfg.packing:
-    loss_k = int(train_arrays["loss_mask"].sum(1).max())
-  train_arrays = with_loss_positions(train_arrays, loss_k)
-  n_rows = train_arrays["input_ids"].shape[0]
-  say(split_report(task.examples, cfg.eval_size, len(eval_ex), len(train_ex), cfg.train_size))
-  say(f"task {cfg.task}: {len(train_ex)} train / {len(eval_ex)} eval examples, {n_rows} rows of "
-      f"{cfg.seq_len} tokens" + (f", loss on ≤{loss_k} positions per row" if loss_k else ""))
-
-  if task.kind == "label":
-    label_ids = data_lib.label_token_ids(tokenizer, task.labels, **fmt)
-    if label_ids is not None:
-      rows = data_lib.prompt_rows(task, eval_ex, tokenizer, cfg.seq_len, **fmt)
-      rows = {**rows, "logits_at": (rows["attention_mask"].sum(1, keepdims=True) - 1).astype(np.int32)}
-    else:
-      rows = data_lib.label_choice_rows(task, eval_ex, tokenizer, cfg.seq_len, **fmt)
-    gold = np.array([ex.label_id for ex in eval_ex])
-    eval_set = (rows, label_ids, gold)
-    majority = data_lib.majority_class_rate(gold)
-  else:
-    eval_set = data_lib.build_dataset(task, eval_ex, tokenizer, cfg.seq_len, packing=False, **fmt)
-    majority = None
-
-  # --- adapters, optimizer
-  lcfg = lora_config(cfg)
-  key = jax.random.key(cfg.seed)
-  init_key, rng = jax.random.split(key)
-  if lcfg is None:
-    frozen, trainable, f_sh, t_sh = {}, params, {}, p_sh
-  else:
-    layouts = dora_jax.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
-    q_sh = p_sh
-    if cfg.quantize != "none":
-      t0 = time.time()
-      n_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-      params, q_sh = quantize_base(params, cfg.quantize, layouts, p_sh)
-      base.params = None  # let the full-precision copy go (exports merge from the quantized base)
-      say(f"quantized the base to {cfg.quantize}: {n_bytes / 2**20:.0f} MiB -> "
-          f"{sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20:.0f} MiB"
-          f" ({time.time() - t0:.1f}s)")
-    # Adapter shardings follow the full-precision kernels' (a quantized kernel shards like them).
-    adapters, a_sh = sh.init_adapters_sharded(init_key, params, lcfg, p_sh, mesh, layouts=layouts,
-                                              replicate=cfg.replicate_adapters)
-    norms, n_sh = cached_base_norms(params, adapters, a_sh)
-    frozen, trainable = steps_lib.frozen_inputs(params, norms), adapters
-    f_sh, t_sh = steps_lib.frozen_inputs(q_sh, n_sh), a_sh
-  n_train = dora_jax.count_params(trainable) if lcfg is None else sum(
-      x.size for x, m in zip(jax.tree.leaves(trainable), jax.tree.leaves(dora_jax.trainable_mask(trainable)))
-      if m)  # VeRA's shared projections are frozen
-  say(f"method {cfg.method}: {n_train:,} trainable parameters ({100 * n_train / n_base:.3f}% of {n_base:,})")
-
-  tx, schedule = steps_lib.make_optimizer(
-      learning_rate=cfg.learning_rate, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
-      min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-      method=cfg.method)
-  o_sh = sh.opt_state_shardings(tx, t_sh, trainable)
-  opt_state = jax.jit(tx.init, out_shardings=o_sh)(trainable)
-  forward = steps_lib.make_forward(model, cfg.method, lcfg)
-  rep, b_sh = sh.replicated(mesh), mesh_lib.batch_sharding(mesh)
-  place = lambda b: jax.device_put(b, rep)  # eval rows: the same on every process
-  train_step = steps_lib.make_train_step(forward, tx, cfg.grad_accum, jit_kwargs=dict(
-      in_shardings=(f_sh, t_sh, o_sh, b_sh, rep), out_shardings=(t_sh, o_sh, rep)))
-  eval_step = steps_lib.make_eval_step(forward)
-  score_step = make_score_step(forward, eval_set[1]) if task.kind == "label" else None
+  init_key, rng = jax.random.split(jax.random.key(cfg.seed))
+  ms = setup_model(cfg, mesh, init_key, say, t_start)
+  tracker = analysis.make_tracker(
+      ms.trainable, ms.params, ms.lcfg, cfg.track_modules if cfg.track_decomposition else None,
+      model=ms.model if cfg.scan_layers else None)
+  ds = setup_data(cfg, ms.tokenizer, say)
+  steps = _make_steps(cfg, mesh, ms, ds, say)
+  state = TrainState(ms.trainable, jax.jit(steps.tx.init, out_shardings=steps.o_sh)(ms.trainable), rng)
   slot, slots = mesh_lib.batch_process_slot(mesh)
-  iterator = data_lib.BatchIterator(train_arrays, cfg.batch_size, seed=cfg.seed,
-                                    process_index=slot, process_count=slots)
-
-  # --- checkpoints / resume
-  data_sha256 = data_fingerprint(train_arrays, eval_set)
-  ckpt = TrainCheckpointer(out / "checkpoints", run_fingerprint(cfg, data_sha256),
-                           keep=cfg.keep_checkpoints, save_every=cfg.save_every or cfg.steps,
-                           overwrite=cfg.overwrite)
-  if cfg.overwrite:
-    removed = remove_run_files(out) if primary else []
-    if ckpt.deleted_steps or removed:
-      say(f"--overwrite: deleted the previous run's checkpoints {ckpt.deleted_steps}"
-          + (f" and {', '.join(removed)}" if removed else "") + f" in {out}")
-  start_step, run_state = 0, {}
-  if ckpt.all_steps() and not cfg.resume:
-    raise SystemExit(
-        f"{out / 'checkpoints'} already holds checkpoints of a run with these settings (steps"
-        f" {ckpt.all_steps()}): pass --resume to continue it, or use another --output-dir"
-        " (--overwrite would delete them and start afresh).")
-  if ckpt.all_steps():
-    try:
-      restored, skipped = ckpt.restore_latest(
-          target={"trainable": trainable, "opt_state": opt_state, "rng": rng})
-    except CorruptCheckpointError as e:
-      raise SystemExit(
-          f"{e}\nNothing was deleted. To start this run afresh, use another --output-dir (or move"
-          f" {out / 'checkpoints'} aside).") from e
-    for s, why in skipped:
-      say(f"checkpoint step {s} is damaged, skipped: {why}")
-    if skipped:
-      dest = ckpt.set_aside([s for s, _ in skipped])
-      say(f"moved the damaged step(s) {[s for s, _ in skipped]} to {dest} (kept, not deleted)")
-    start_step = restored.pop("step")
-    run_state = restored.pop("data_state")
-    iterator.restore(run_state["loader"])
-    trainable, opt_state, rng = restored["trainable"], restored["opt_state"], restored["rng"]
-    say(f"resumed from step {start_step} in {out / 'checkpoints'}"
-        + (" (the newest intact checkpoint)" if skipped else ""))
-  elif cfg.resume:
-    say(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting from step 0")
+  iterator = steps.iterator(ds.train_arrays, cfg.batch_size, cfg.seed, slot, slots)
+  ckpt = _checkpointer(cfg, out, run_fingerprint(cfg, data_fingerprint(ds.train_arrays, ds.eval_set)),
+                       primary, say)
+  start_step, run_state = _restore(ckpt, state, iterator, out, resume=cfg.resume, say=say)
 
   # --- evaluate before (once per run: a resumed process takes it from the checkpoint)
   if "before" in run_state:
     before = run_state["before"]
   else:
     t0 = time.time()
-    before = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg, multiple, place)
+    before = steps.evaluate(ms.frozen, state.trainable)
     before["seconds"] = round(time.time() - t0, 1)
-  say("before training: " + _fmt(before) + (f" (majority class {majority:.1%})" if majority else ""))
+  say("before training: " + _fmt(before) + (f" (majority class {ds.majority:.1%})" if ds.majority else ""))
 
-  # --- train
   writer = MetricsWriter(out, cfg.tensorboard, resume_step=start_step, primary=primary)
+  intervals = [e for e in run_state.get("evals", []) if e["step"] <= start_step]
+  t_loop = time.time()
+  history, step = _train(cfg, ms.frozen, state, steps, iterator, ckpt, writer, stop, tracker,
+                         start_step=start_step, before=before, intervals=intervals, out=out,
+                         slots=slots, say=say)
+  train_seconds = time.time() - t_loop
+
+  records = read_records(out / METRICS_LINES) if primary else history
+  losses = [r["loss"] for r in records if "loss" in r]  # the whole run's, whichever process ran them
+  if step < cfg.steps:
+    partial = {"stopped_at": step, "before": before, "evals": intervals,
+               "first_loss": losses[0] if losses else None}
+    if primary:
+      write_atomic(out / METRICS_SUMMARY, json.dumps(partial, indent=2, default=str))
+    say(f"stopped after step {step} (--stop-after); continue with --resume")
+    return partial
+
+  # --- evaluate after, export
+  t0 = time.time()
+  after = steps.evaluate(ms.frozen, state.trainable)
+  after["seconds"] = round(time.time() - t0, 1)
+  say("after training:  " + _fmt(after))
+  exported = export(cfg.export, out, ms.base, ms.params, state.trainable, ms.lcfg, cfg.model)
+  step_seconds = [r["step_seconds"] for r in records if "step_seconds" in r]
+  summary = {
+      "config": cfg.to_dict(), "model": {"params": ms.n_base, **ms.base.config.to_hf_dict()},
+      "trainable_params": ms.n_train, "before": before, "after": after, "evals": intervals,
+      "majority_class_rate": ds.majority,
+      "first_loss": losses[0] if losses else None,
+      "final_loss": float(np.mean(losses[-10:])) if losses else None,
+      "train_seconds_this_process": round(train_seconds, 1),
+      "median_step_seconds": float(np.median(step_seconds[1:] or [0.0])),
+      "wall_seconds": round(time.time() - t_start, 1), "resumed_from": start_step or None,
+      "exported": exported, "optimizer_state_memory": sorted(
+          {str(x.sharding.memory_kind) for x in jax.tree.leaves(state.opt_state)}),
+      "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+  }
+  if primary:
+    if tracker is not None:
+      summary["decomposition_slopes"] = analysis.plot_at_end(out, cfg.method, say)
+    write_atomic(out / METRICS_SUMMARY, json.dumps(summary, indent=2, default=str))
+    plot_run(out, ds.task.kind)
+  return summary
+
+
+# ---------------------------------------------------------------------------
+# Pieces of the run
+
+
+@dataclasses.dataclass
+class TrainState:
+  """What the train step updates (and a checkpoint holds, with the data position)."""
+
+  trainable: Any
+  opt_state: Any
+  rng: Any
+
+
+@dataclasses.dataclass
+class Steps:
+  """The jitted steps of a run and what they need: ``train_step``, ``evaluate(frozen,
+  trainable) -> record``, the optimizer ``tx`` and its ``schedule``, the optimizer state's
+  shardings ``o_sh`` (in pinned host memory with ``--offload-optimizer``), and the data loader's
+  class."""
+
+  tx: Any
+  schedule: Any
+  o_sh: Any
+  train_step: Any
+  evaluate: Any
+  batch: Any  # local batch -> global, sharded batch
+  iterator: Any
+
+
+def _generation(cfg: TrainConfig, ms: ModelSetup, ds: DataSetup, say):
+  """The sample generations of a prompt/response task's evaluations (None for other tasks,
+  with ``--eval-generate 0``, or with several processes)."""
+  if ds.task.kind != "generation" or not cfg.eval_generate or not ds.eval_examples:
+    return None
+  if jax.process_count() > 1:
+    say("--eval-generate: sample generations run on a single process; skipped")
+    return None
+  return generation_scorer(ds.eval_examples, ms.model, ms.tokenizer, ms.lcfg,
+                           chat_template=cfg.chat_template, system_prompt=system_prompt(cfg),
+                           n_generate=cfg.eval_generate, n_show=cfg.eval_samples, seq_len=cfg.seq_len,
+                           say=say)
+
+
+def _make_steps(cfg: TrainConfig, mesh, ms: ModelSetup, ds: DataSetup, say) -> Steps:
+  from train import data as data_lib
+  sh = dora_jax.sharding
+  tx, schedule = steps_lib.make_optimizer(
+      learning_rate=cfg.learning_rate, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+      min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+      method=cfg.method, loraplus_lr_ratio=cfg.loraplus_lr_ratio)
+  o_dev = sh.opt_state_shardings(tx, ms.t_sh, ms.trainable)
+  o_sh = sh.host_offloaded(o_dev) if cfg.offload_optimizer else o_dev  # where it lives between steps
+  forward = steps_lib.make_forward(ms.model, cfg.method, ms.lcfg)
+  rep, b_sh = sh.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  train_step = steps_lib.make_train_step(
+      forward, tx, cfg.grad_accum, jit_kwargs=dict(
+          in_shardings=(ms.f_sh, ms.t_sh, o_sh, b_sh, rep), out_shardings=(ms.t_sh, o_sh, rep)),
+      opt_state_to_device=(lambda st: sh.to_device(st, o_dev)) if cfg.offload_optimizer else None)
+  score_step = make_score_step(forward, ds.eval_set[1]) if ds.task.kind == "label" else None
+  evaluator = make_evaluator(
+      ds.task, ds.eval_set, steps_lib.make_eval_step(forward), score_step,
+      batch_size=cfg.eval_batch_size, progress=cfg.progress,
+      multiple=mesh_lib.batch_size_multiple(mesh),
+      place=lambda b: jax.device_put(b, rep),  # eval rows: the same on every process
+      generation=_generation(cfg, ms, ds, say))
+  iterator = lambda arrays, bs, seed, slot, slots: data_lib.BatchIterator(
+      arrays, bs, seed=seed, process_index=slot, process_count=slots)
+  return Steps(tx, schedule, o_sh, train_step, evaluator, lambda b: mesh_lib.shard_batch(b, mesh), iterator)
+
+
+def _checkpointer(cfg: TrainConfig, out: Path, fingerprint, primary: bool, say) -> TrainCheckpointer:
+  """The run's checkpointer; with ``--overwrite`` the previous run's files are deleted first."""
+  ckpt = TrainCheckpointer(out / "checkpoints", fingerprint, keep=cfg.keep_checkpoints,
+                           save_every=cfg.save_every or cfg.steps, overwrite=cfg.overwrite)
+  if cfg.overwrite:
+    removed = remove_run_files(out) if primary else []
+    if ckpt.deleted_steps or removed:
+      say(f"--overwrite: deleted the previous run's checkpoints {ckpt.deleted_steps}"
+          + (f" and {', '.join(removed)}" if removed else "") + f" in {out}")
+  return ckpt
+
+
+def _restore(ckpt: TrainCheckpointer, state: TrainState, iterator, out: Path, *, resume: bool,
+             say) -> tuple[int, dict[str, Any]]:
+  """``(start step, run state)``: restores ``state`` and the loader from the newest intact
+  checkpoint (``--resume``), refusing to write over an existing run without it."""
+  if ckpt.all_steps() and not resume:
+    raise SystemExit(
+        f"{out / 'checkpoints'} already holds checkpoints of a run with these settings (steps"
+        f" {ckpt.all_steps()}): pass --resume to continue it, or use another --output-dir"
+        " (--overwrite would delete them and start afresh).")
+  if not ckpt.all_steps():
+    if resume:
+      say(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting from step 0")
+    return 0, {}
+  try:
+    restored, skipped = ckpt.restore_latest(
+        target={"trainable": state.trainable, "opt_state": state.opt_state, "rng": state.rng})
+  except CorruptCheckpointError as e:
+    raise SystemExit(
+        f"{e}\nNothing was deleted. To start this run afresh, use another --output-dir (or move"
+        f" {out / 'checkpoints'} aside).") from e
+  for s, why in skipped:
+    say(f"checkpoint step {s} is damaged, skipped: {why}")
+  if skipped:
+    dest = ckpt.set_aside([s for s, _ in skipped])
+    say(f"moved the damaged step(s) {[s for s, _ in skipped]} to {dest} (kept, not deleted)")
+  start_step = restored.pop("step")
+  run_state = restored.pop("data_state")
+  iterator.restore(run_state["loader"])
+  state.trainable, state.opt_state, state.rng = restored["trainable"], restored["opt_state"], restored["rng"]
+  say(f"resumed from step {start_step} in {out / 'checkpoints'}"
+      + (" (the newest intact checkpoint)" if skipped else ""))
+  return start_step, run_state
+
+
+def _train(cfg: TrainConfig, frozen, state: TrainState, steps: Steps, iterator, ckpt, writer, stop,
+           tracker, *, start_step: int, before, intervals: list, out: Path, slots: int,
+           say) -> tuple[list[dict[str, Any]], int]:
+  """The training loop from ``start_step``: steps, metrics, evaluations, checkpoints, signals.
+
+  Returns ``(this process's step records, the last step run)``."""
   bar = _progress(cfg.steps, start_step, cfg.progress)
   history: list[dict[str, Any]] = []
-  intervals: list[dict[str, Any]] = [e for e in run_state.get("evals", []) if e["step"] <= start_step]
   tokens_seen, t_loop, step, done = 0, time.time(), start_step, start_step
   stop_at = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
 
   def save(at: int, force: bool) -> bool:
     writer.sync()  # the metrics lines up to this step are on disk before the checkpoint is
-    return ckpt.save(at, {"trainable": trainable, "opt_state": opt_state, "rng": rng, "data_state": {
-        "loader": iterator.state(), "before": before, "evals": intervals}}, force=force)
+    return ckpt.save(at, {"trainable": state.trainable, "opt_state": state.opt_state, "rng": state.rng,
+                          "data_state": {"loader": iterator.state(), "before": before, "evals": intervals}},
+                     force=force)
 
   try:
     stop.deferring = True
     for step in range(start_step + 1, stop_at + 1):
       local_batch = next(iterator)
-      batch = mesh_lib.shard_batch(local_batch, mesh)
-      step_rng = jax.random.fold_in(rng, step)
       t0 = time.time()
-      trainable, opt_state, m = train_step(frozen, trainable, opt_state, batch, step_rng)
+      state.trainable, state.opt_state, m = steps.train_step(
+          frozen, state.trainable, state.opt_state, steps.batch(local_batch),
+          jax.random.fold_in(state.rng, step))
       loss = float(m["loss"])
       dt = time.time() - t0
       if not math.isfinite(loss):
@@ -466,15 +416,18 @@ def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSign
       tokens = int(local_batch["attention_mask"].sum()) * slots
       tokens_seen += tokens
       rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
-             "lr": float(schedule(step - 1)), "tokens": tokens, "loss_tokens": int(m["tokens"]),
+             "lr": float(steps.schedule(step - 1)), "tokens": tokens, "loss_tokens": int(m["tokens"]),
              "step_seconds": round(dt, 4), "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
       history.append(rec)
       if step % cfg.log_every == 0 or step == 1:
         writer.write(rec)
+      if tracker is not None and (step % cfg.track_decomposition == 0 or step == cfg.steps):
+        for r in tracker(step, state.trainable):
+          writer.write(r)
       bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / max(time.time() - t_loop, 1e-9):,.0f}")
       bar.update(1)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-        ev = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg, multiple, place)
+        ev = steps.evaluate(frozen, state.trainable)
         intervals.append({"step": step, **ev})
         writer.write({"step": step, **{f"eval_{k}" if not k.startswith("eval") else k: v for k, v in ev.items()}})
         bar.write(f"step {step}: " + _fmt(ev))
@@ -496,117 +449,5 @@ def _run(cfg: TrainConfig, mesh, t_start: float, out: Path, say, stop: _StopSign
     bar.close()
     writer.close()
     ckpt.close()
-  train_seconds = time.time() - t_loop
+  return history, step
 
-  records = read_records(out / METRICS_LINES) if primary else history
-  losses = [r["loss"] for r in records if "loss" in r]  # the whole run's, whichever process ran them
-  if step < cfg.steps:
-    partial = {"stopped_at": step, "before": before, "evals": intervals,
-               "first_loss": losses[0] if losses else None}
-    if primary:
-      write_atomic(out / METRICS_SUMMARY, json.dumps(partial, indent=2, default=str))
-    say(f"stopped after step {step} (--stop-after); continue with --resume")
-    return partial
-
-  # --- evaluate after, export
-  t0 = time.time()
-  after = evaluate(task, eval_set, frozen, trainable, eval_step, score_step, cfg, multiple, place)
-  after["seconds"] = round(time.time() - t0, 1)
-  say("after training:  " + _fmt(after))
-  exported = export(cfg, out, base, params, trainable, lcfg)
-
-  step_seconds = [r["step_seconds"] for r in records if "step_seconds" in r]
-  summary = {
-      "config": cfg.to_dict(), "model": {"params": n_base, **base.config.to_hf_dict()},
-      "trainable_params": n_train, "before": before, "after": after, "evals": intervals,
-      "majority_class_rate": majority,
-      "first_loss": losses[0] if losses else None,
-      "final_loss": float(np.mean(losses[-10:])) if losses else None,
-      "train_seconds_this_process": round(train_seconds, 1),
-      "median_step_seconds": float(np.median(step_seconds[1:] or [0.0])),
-      "wall_seconds": round(time.time() - t_start, 1), "resumed_from": start_step or None,
-      "exported": exported, "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-  }
-  if primary:
-    write_atomic(out / METRICS_SUMMARY, json.dumps(summary, indent=2, default=str))
-    plot_run(out, task.kind)
-  return summary
-
-
-def export(cfg, out: Path, base, params, trainable, lcfg) -> dict[str, str]:
-  """Exports the merged model (HF-style safetensors dir) and/or the PEFT adapter."""
-  from dora_jax.models import hf
-
-  done = {}
-  primary = jax.process_index() == 0
-  if cfg.export in ("merged", "both"):
-    merged = trainable if lcfg is None else dora_jax.merge(params, trainable, lcfg)
-    path = out / "merged"
-    if primary:
-      recover_dir(path)  # what an export killed midway left
-      hf.save_pretrained(path, base.config, jax.device_get(merged), tokenizer=base.tokenizer)
-    done["merged"] = str(path)
-  if cfg.export in ("peft", "both") and lcfg is not None:
-    path = out / "peft_adapter"
-    host = jax.device_get(trainable)
-    if primary:
-      replace_dir(path, lambda tmp: dora_jax.export_peft(
-          tmp, host, lcfg, params=params, base_model_name_or_path=base_model_path(cfg.model)))
-    done["peft"] = str(path)
-  return done
-
-
-def base_model_path(model: str) -> str:
-  """The PEFT export's ``base_model_name_or_path``: a directory ``from_pretrained`` loads (the bundled
-  SmolLM2's converted cache directory, an HF checkpoint directory made absolute), else the name."""
-  if model in ("smollm2-135m", "smollm2"):
-    from dora_jax.models.smollm2 import smollm2_path
-    return str(smollm2_path())
-  if Path(model).is_dir():
-    return str(Path(model).absolute())
-  return model
-
-
-def plot_run(out: Path, kind: str) -> None:
-  """``loss.png``: the training loss per step, and the before/after evaluation."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    return
-  recs = read_records(out / METRICS_LINES)
-  steps_ = [r["step"] for r in recs if "loss" in r]
-  losses = [r["loss"] for r in recs if "loss" in r]
-  summary = json.loads((out / METRICS_SUMMARY).read_text())
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-  axes[0].plot(steps_, losses, lw=1, alpha=0.5, label="loss")
-  if len(losses) >= 10:
-    w = max(len(losses) // 20, 5)
-    axes[0].plot(steps_[w - 1:], np.convolve(losses, np.ones(w) / w, mode="valid"), lw=2, label=f"mean of {w}")
-  axes[0].set_xlabel("step")
-  axes[0].set_ylabel("train loss (nats / response token)")
-  axes[0].legend()
-  metric = "accuracy" if kind == "label" else "perplexity"
-  pts = [(0, summary["before"][metric])] + [(e["step"], e[metric]) for e in summary["evals"]]
-  pts.append((summary["config"]["steps"], summary["after"][metric]))
-  if len(pts) > 2:
-    axes[1].plot(*zip(*pts), marker="o")
-  else:  # before and after only: two markers, not a line that suggests what happened in between
-    axes[1].plot(*zip(*pts), "o")
-    axes[1].set_title("--eval-every N evaluates during the run", fontsize=8)
-  if kind == "label" and summary.get("majority_class_rate"):
-    axes[1].axhline(summary["majority_class_rate"], ls="--", c="gray", label="majority class")
-    axes[1].legend()
-  axes[1].set_xlabel("step")
-  axes[1].set_ylabel(f"held-out {metric}")
-  fig.suptitle(f"{summary['config']['method']} on {summary['config']['task']} ({summary['config']['model']})")
-  fig.tight_layout()
-  fig.savefig(out / "loss.png", dpi=110)
-  plt.close(fig)
-
-
-def _fmt(ev: Mapping[str, Any]) -> str:
-  if "accuracy" in ev:
-    return f"accuracy {ev['accuracy']:.1%} on {ev['eval_examples']} held-out examples"
-  return f"perplexity {ev['perplexity']:.2f} (loss {ev['eval_loss']:.3f}) on {ev['eval_tokens']} tokens"

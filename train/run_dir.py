@@ -198,7 +198,7 @@ class MetricsWriter:
       return
     self.fh.write(json.dumps(record) + "\n")
     self.fh.flush()
-    if self.tb is not None:
+    if self.tb is not None and "kind" not in record:  # per-module records: not scalars of a step
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)):
           self.tb.add_scalar(k, v, record["step"])

@@ -87,7 +87,7 @@ def frozen_inputs(params: Any, base_norms: Any = None) -> dict[str, Any]:
 
 def make_optimizer(
     *, learning_rate: float, steps: int, warmup_steps: int, min_lr_ratio: float,
-    weight_decay: float, grad_clip: float, method: str,
+    weight_decay: float, grad_clip: float, method: str, loraplus_lr_ratio: float = 0.0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup + cosine decay, global-norm clipping.
 
@@ -95,6 +95,14 @@ def make_optimizer(
   matrices (full fine-tuning); never to DoRA magnitudes, norms or biases. For vera/dvora
   the shared projections ``vera_A``/``vera_B`` travel in the trainable tree but are frozen
   (:func:`dora_jax.freeze_base`: zero updates, no optimizer state).
+
+  ``loraplus_lr_ratio > 0`` (adapter methods): LoRA+ (:func:`dora_jax.loraplus`, PEFT's
+  ``create_loraplus_optimizer`` groups): ``lora_b`` and the one-axis leaves (magnitudes, VeRA's
+  vectors) learn at ``ratio ×`` the schedule, adapters on ``embed_tokens`` at PEFT's
+  ``loraplus_lr_embedding`` (1e-6); the returned schedule is ``lora_a``'s.
+
+  Raises:
+    ValueError: ``loraplus_lr_ratio`` with ``method="full"``, or a negative ratio.
   """
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=learning_rate, warmup_steps=min(warmup_steps, max(steps - 1, 0)),
@@ -103,10 +111,18 @@ def make_optimizer(
     decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)
   else:
     decay_mask = dora_jax.weight_decay_mask
+  if loraplus_lr_ratio < 0 or (loraplus_lr_ratio and method == "full"):
+    raise ValueError(f"loraplus_lr_ratio={loraplus_lr_ratio} needs an adapter method and a ratio > 0"
+                     " (0 = off).")
+  adamw = lambda lr: optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
   parts = []
   if grad_clip > 0:
     parts.append(optax.clip_by_global_norm(grad_clip))
-  parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask))
+  if loraplus_lr_ratio:  # its partition freezes VeRA's projections too
+    parts.append(dora_jax.loraplus(adamw, schedule, loraplus_lr_ratio=loraplus_lr_ratio,
+                                   embedding_modules=("embed_tokens",)))
+    return optax.chain(*parts), schedule
+  parts.append(adamw(schedule))
   tx = optax.chain(*parts)
   if method in ("vera", "dvora"):
     tx = dora_jax.freeze_base(tx)
@@ -114,8 +130,13 @@ def make_optimizer(
 
 
 def make_train_step(forward: Callable, tx: optax.GradientTransformation, grad_accum: int = 1,
-                    jit_kwargs: Mapping[str, Any] | None = None) -> Callable:
+                    jit_kwargs: Mapping[str, Any] | None = None,
+                    opt_state_to_device: Callable | None = None) -> Callable:
   """``step(frozen, trainable, opt_state, batch, rng) -> (trainable, opt_state, metrics)``.
+
+  ``opt_state_to_device``: for an optimizer state kept in host memory
+  (:func:`dora_jax.sharding.host_offloaded` in/out shardings), the move to device memory
+  that the step applies first (``lambda s: dora_jax.sharding.to_device(s, device_shardings)``).
 
   The batch's leading axis is split into ``grad_accum`` micro-batches whose
   summed token losses and gradients are accumulated with ``lax.scan``: the
@@ -129,6 +150,8 @@ def make_train_step(forward: Callable, tx: optax.GradientTransformation, grad_ac
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(frozen, trainable, opt_state, batch, rng):
+    if opt_state_to_device is not None:
+      opt_state = opt_state_to_device(opt_state)
     if grad_accum == 1:
       (total, count), grads = grad_fn(trainable, frozen, batch, rng)
     else:
