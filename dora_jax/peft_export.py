@@ -1,9 +1,5 @@
-"""Writing HF PEFT's adapter folder: :func:`export_peft` and :func:`peft_state_dict`.
-
-Part of :mod:`dora_jax.peft_format` (which re-exports every name here and describes the
-format); the tensor layouts are in :mod:`dora_jax.peft_tensors`, ``adapter_config.json`` in
-:mod:`dora_jax.peft_config`, the names in :mod:`dora_jax.peft_names`.
-"""
+"""Writing HF PEFT's adapter folder: :func:`export_peft` and :func:`peft_state_dict`
+(re-exported by :mod:`dora_jax.peft_format`, whose docstring describes the format)."""
 
 from __future__ import annotations
 

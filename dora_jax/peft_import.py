@@ -1,9 +1,5 @@
-"""Reading HF PEFT's adapter folder: :func:`import_peft`.
-
-Part of :mod:`dora_jax.peft_format` (which re-exports every name here and describes the
-format); the tensor layouts are in :mod:`dora_jax.peft_tensors`, ``adapter_config.json`` in
-:mod:`dora_jax.peft_config`, the names in :mod:`dora_jax.peft_names`.
-"""
+"""Reading HF PEFT's adapter folder into our adapters tree: :func:`import_peft`, re-exported
+by :mod:`dora_jax.peft_format` (the format's description and the list of its modules)."""
 
 from __future__ import annotations
 
