@@ -65,7 +65,6 @@ from dora_jax.nnx_layer import (  # noqa: F401
     AdaptedLinear,
     BaseNorm,
     FrozenAdapter,
-    _LINEAR_TYPES,
     _check_init,
     _init_matrix_adapters,
     _path_str,
@@ -83,6 +82,9 @@ from dora_jax.nnx_functional import (  # noqa: F401
     merged_state,
     param_dict,
 )
+
+_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
 
 # ---------------------------------------------------------------------------
 # Walking and editing the module graph

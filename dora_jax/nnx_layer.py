@@ -35,8 +35,6 @@ _F32 = jnp.float32
 SUPPORTED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 """Module types :func:`apply_adapters` wraps (``nnx.Conv`` ungrouped and unmasked)."""
 
-_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
-
 
 class Adapter(nnx.Variable):
   """A trainable adapter parameter (``lora_a``, ``lora_b``, ``magnitude``, VeRA's vectors).
@@ -346,7 +344,6 @@ class AdaptedLinear(nnx.Module):
 
 def _path_str(path: Sequence[Any]) -> str:
   return "/".join(str(k) for k in path)
-
 
 
 def wrappers(model: nnx.Module) -> list[tuple[tuple, AdaptedLinear]]:
