@@ -1,6 +1,6 @@
 """One module's adapter tensors in HF PEFT's torch layouts, per layer type and method.
 
-Used by :mod:`dora_jax.peft_format`. Our adapters are factors of the kernel as a matrix
+Used by :mod:`dora_jax.peft_format` (:mod:`dora_jax.peft_export`, :mod:`dora_jax.peft_import`). Our adapters are factors of the kernel as a matrix
 ``W0: [I, O]`` (``lora_a: [I, r]``, ``lora_b: [r, O]``, DoRA ``magnitude: [O]``; VeRA
 ``vera_lambda_d: [r]``, ``vera_lambda_b: [O]``). PEFT 0.21 stores (checked against
 ``peft/tuners/lora/layer.py``, ``tuners/lora/dora.py``, ``tuners/vera/model.py`` and what

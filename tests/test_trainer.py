@@ -180,17 +180,52 @@ def test_vera_and_dvora_learn_keep_projections_and_export_merged(tmp_path, metho
   assert not np.allclose(model.apply({"params": base.params}, ids), want, atol=1e-4)
 
 
-@pytest.mark.parametrize("method,export", [("vera", "peft"), ("dvora", "peft"), ("dvora", "both"),
-                                           ("vera", "both")])
-def test_vera_peft_export_is_refused_before_training(tmp_path, method, export, capsys):
+@pytest.mark.parametrize("method,export,targets", [
+    ("dvora", "peft", "q_proj,v_proj"), ("dvora", "both", "q_proj,v_proj"),
+    ("vera", "peft", "embed_tokens,q_proj"), ("vera", "both", "embed_tokens,q_proj")])
+def test_peft_export_without_a_peft_form_is_refused_before_training(tmp_path, method, export, targets,
+                                                                    capsys):
+  """DVoRA has no PEFT format; PEFT's VeRA adapts Linear layers only (not the embedding)."""
   from train.__main__ import main
-  with pytest.raises(ValueError, match="--export merged"):
-    _cfg(tmp_path, method=method, export=export)
+  if method == "dvora":
+    with pytest.raises(ValueError, match="--export merged"):
+      _cfg(tmp_path, method=method, export=export)
   rc = main(["--model", "tiny-random", "--method", method, "--export", export,
-             "--output-dir", str(tmp_path / "never")])
+             "--target-modules", targets, "--output-dir", str(tmp_path / "never")])
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
+  assert "--export merged" in err
   assert not (tmp_path / "never").exists()  # refused before anything was loaded or written
+
+
+def test_vera_run_exports_a_peft_adapter_that_loads_back_equal(tmp_path):
+  """--method vera --export peft writes PEFT's VeRA folder; dora_jax.import_peft reads it back
+  into adapters whose outputs equal the run's final checkpoint's."""
+  from train.checkpoint import TrainCheckpointer
+  from train.generate import _checkpoint_record
+  from train.loop import lora_config
+  cfg = _cfg(tmp_path, method="vera", rank=8, steps=3, learning_rate=3e-2, export="peft",
+             save_every=0, targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+  summary = run(cfg)
+  out = tmp_path / "run"
+  assert summary["exported"]["peft"] == str(out / "peft_adapter")
+  peft_cfg = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+  assert peft_cfg["peft_type"] == "VERA" and peft_cfg["r"] == 8 and peft_cfg["task_type"] == "CAUSAL_LM"
+  tensors = load_file(str(out / "peft_adapter" / "adapter_model.safetensors"))
+  assert {"base_model.vera_A", "base_model.vera_B"} <= set(tensors)
+  assert any(k.endswith(".q_proj.vera_lambda_b") for k in tensors)
+  base = load_base_model(cfg)
+  adapters, lcfg = dora_jax.import_peft(out / "peft_adapter", base.params)
+  assert isinstance(lcfg, dora_jax.VeraConfig) and not lcfg.use_dora
+  step, record = _checkpoint_record(out / "checkpoints")
+  with TrainCheckpointer((out / "checkpoints").absolute(), record["config"], async_save=False) as ckpt:
+    trained = ckpt.restore(step)["trainable"]
+  model = Llama(base.config)
+  ids = jax.numpy.asarray(np.random.default_rng(0).integers(0, base.config.vocab_size, (2, 9)))
+  want = dora_jax.wrap(model.apply, lora_config(cfg))({"params": base.params}, trained, ids)
+  got = dora_jax.wrap(model.apply, lcfg)({"params": base.params}, adapters, ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(model.apply({"params": base.params}, ids), want, atol=1e-4)  # it trained
 
 
 def test_offload_optimizer_trains_and_resumes_like_device_state(full_run, tmp_path):

@@ -182,11 +182,9 @@ class TrainConfig:
     if self.quantize != "none" and self.method == "full":
       raise ValueError(f"--quantize {self.quantize} freezes the base in low precision: it needs an"
                        " adapter method (dora, lora, vera, dvora), not --method full.")
-    if self.method in VERA_METHODS and self.export in ("peft", "both"):
-      why = ("HF PEFT has no DVoRA format" if self.method == "dvora"
-             else "the PEFT export of VeRA adapters is not available in this trainer yet")
-      raise ValueError(f"--export {self.export} with --method {self.method}: {why}; use --export"
-                       " merged (or none).")
+    if self.method == "dvora" and self.export in ("peft", "both"):
+      raise ValueError(f"--export {self.export} with --method dvora: HF PEFT has no DVoRA format;"
+                       " use --export merged (or none).")
     if self.loraplus_lr_ratio < 0 or (self.loraplus_lr_ratio and self.method == "full"):
       raise ValueError(f"loraplus_lr_ratio={self.loraplus_lr_ratio}: LoRA+ needs an adapter method"
                        " (dora, lora, vera, dvora) and a ratio > 0 (0 = off).")

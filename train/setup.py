@@ -58,8 +58,13 @@ def check_before_loading(cfg: TrainConfig) -> None:
 
   Raises:
     ValueError: DoRA on a tied embedding with ``--export peft|both`` (PEFT has no equivalent:
-      :func:`dora_jax.peft_format.tied_dora_message`).
+      :func:`dora_jax.peft_format.tied_dora_message`); VeRA on the embedding with
+      ``--export peft|both`` (PEFT's VeRA adapts Linear layers only).
   """
+  if cfg.method == "vera" and cfg.export in ("peft", "both") and targets_embedding(cfg.targets):
+    raise ValueError(f"--export {cfg.export} with --method vera: '{EMBED_PATH}' is an embedding and"
+                     " PEFT's VeRA adapts Linear layers only. Use --export merged, or leave"
+                     " embed_tokens out of --target-modules.")
   if (cfg.method == "dora" and cfg.export in ("peft", "both") and targets_embedding(cfg.targets)
       and model_ties_embeddings(cfg.model)):
     from dora_jax.peft_format import tied_dora_message

@@ -195,8 +195,8 @@ _REMAT_POLICIES = {
 }
 
 
-class LlamaModel(nn.Module):
-  """The decoder stack (HF's ``model``): embeddings, layers, final norm."""
+class _DecoderOptions(nn.Module):
+  """The options :class:`Llama` passes on to its :class:`LlamaModel` (described on :class:`Llama`)."""
 
   config: LlamaConfig
   dtype: Any = jnp.float32
@@ -204,6 +204,10 @@ class LlamaModel(nn.Module):
   scan_layers: bool = False
   remat: str = "none"
   attention_impl: str | None = None
+
+
+class LlamaModel(_DecoderOptions):
+  """The decoder stack (HF's ``model``): embeddings, layers, final norm."""
 
   def setup(self):
     c = self.config
@@ -270,7 +274,7 @@ class LlamaModel(nn.Module):
     return self.norm(x)
 
 
-class Llama(nn.Module):
+class Llama(_DecoderOptions):
   """Decoder-only LM. ``__call__(input_ids [B, T]) -> logits [B, T, V]`` (float32).
 
   Attributes:
@@ -283,13 +287,6 @@ class Llama(nn.Module):
     attention_impl: passed to ``jax.nn.dot_product_attention`` (None: XLA picks;
       ``"cudnn"`` on GPU).
   """
-
-  config: LlamaConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  scan_layers: bool = False
-  remat: str = "none"
-  attention_impl: str | None = None
 
   def setup(self):
     c = self.config
