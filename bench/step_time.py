@@ -57,7 +57,11 @@ class Spec:
 
   @property
   def label(self) -> str:
-    return f"dora[{self.dora_path}]" if self.method == "dora" else self.method
+    if self.method == "dora":
+      return f"dora[{self.dora_path}]"
+    if self.method == "lora" and self.dora_path not in (None, DEFAULT_PATH):
+      return f"lora[{self.dora_path}]"  # a reference path (autodiff backward)
+    return self.method
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self))
@@ -285,6 +289,7 @@ class Prepared:
     record = {
         "bench": "step_time", "label": spec.label, "method": spec.method,
         "dora_path": spec.dora_path if spec.method == "dora" else None,
+        "path": None if spec.method == "frozen-forward" else spec.dora_path or DEFAULT_PATH,
         "preset": spec.preset, "batch": spec.batch, "seq": spec.seq, "tokens_per_step": tokens,
         "rank": None if spec.method == "frozen-forward" else spec.rank,
         "targets": None if spec.method == "frozen-forward" else list(spec.targets),
@@ -353,12 +358,18 @@ def error_record(spec: Spec, message: str) -> dict[str, Any]:
           "rank": spec.rank, "dtype": spec.dtype, "error": message, "date": common.utc_now()}
 
 
-def expand_specs(base: Spec, methods: Sequence[str], dora_paths: Sequence[str]) -> list[Spec]:
-  """One spec per method, one per DoRA path for ``dora``; LoRA runs before DoRA (for the ratio)."""
+def expand_specs(base: Spec, methods: Sequence[str], dora_paths: Sequence[str],
+                 lora_paths: Sequence[str] = (DEFAULT_PATH,)) -> list[Spec]:
+  """One spec per method, one per DoRA path for ``dora`` and per path for ``lora`` (the
+  ``custom_vjp`` default or the ``factored`` autodiff reference); LoRA runs before DoRA
+  (for the ratio)."""
   specs = []
   for method in sorted(methods, key=METHODS.index):
     if method == "dora":
       specs += [dataclasses.replace(base, method="dora", dora_path=p) for p in dora_paths]
+    elif method == "lora":
+      specs += [dataclasses.replace(base, method="lora", dora_path=None if p == DEFAULT_PATH else p)
+                for p in lora_paths]
     else:
       specs.append(dataclasses.replace(base, method=method, dora_path=None))
   return specs
@@ -397,7 +408,7 @@ def run_all(specs: Sequence[Spec], *, isolate: bool, interleave: bool = False,
         rec = run_one(spec)
       except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
         rec = error_record(spec, f"{type(e).__name__}: {e}"[:2000])
-    if rec.get("method") == "lora" and "error" not in rec:
+    if rec.get("label") == "lora" and "error" not in rec:  # the default path
       lora = rec
     if rec.get("method") == "frozen-forward" and "error" not in rec:
       frozen = rec
@@ -453,6 +464,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help=f"comma list of {', '.join(METHODS)}")
   p.add_argument("--dora-paths", default=",".join(DORA_PATHS),
                  help=f"DoRA execution paths to time (dora_jax.wrap's dora_path): {', '.join(DORA_PATHS)}")
+  p.add_argument("--lora-paths", default=DEFAULT_PATH,
+                 help="LoRA backward to time: custom_vjp (default, hand-written), factored (autodiff)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--rank", type=int, default=16)
@@ -484,14 +497,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return []
   methods = common.parse_list(args.methods)
   paths = common.parse_list(args.dora_paths)
-  bad = [m for m in methods if m not in METHODS] + [p for p in paths if p not in DORA_PATHS]
+  lora_paths = common.parse_list(args.lora_paths)
+  bad = ([m for m in methods if m not in METHODS] + [p for p in paths if p not in DORA_PATHS]
+         + [p for p in lora_paths if p not in ("custom_vjp", "factored")])
   if bad:
     raise SystemExit(f"Unknown methods / DoRA paths {bad}; methods: {METHODS}, paths: {DORA_PATHS}.")
   base = Spec(preset=args.preset, batch=args.batch, seq=args.seq, rank=args.rank,
               targets=common.parse_list(args.targets), dtype=args.dtype, steps=args.steps,
               warmup=args.warmup, scan=args.scan, remat=args.remat,
               attention_impl=args.attention_impl, seed=args.seed, dump_hlo=args.dump_hlo)
-  results = run_all(expand_specs(base, methods, paths), isolate=args.isolate,
+  results = run_all(expand_specs(base, methods, paths, lora_paths), isolate=args.isolate,
                     interleave=args.interleave, out_path=args.out, timeout_s=args.timeout)
   if args.plot:
     plot(results, args.plot)

@@ -434,7 +434,10 @@ def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH)
         active it runs ``"factored"`` (a merged weight cannot drop the adapter's
         input only).
 
-      Layers without DoRA (LoRA, VeRA) always run ``y0 + ΔW x``.
+      Layers without DoRA (LoRA, VeRA) run ``y0 + s·(x A) B``; on ``"custom_vjp"`` with a
+      hand-written backward that contracts ``∇A = xᵀ∇h`` and ``∇B = s·hᵀ∇y`` straight into
+      the leaves' layouts (faster on XLA:CPU than autodiff's orientation), on the other
+      paths by autodiff (the reference).
 
   Raises:
     ValueError: for an unknown ``dora_path``; at call time, for adapters that do not
