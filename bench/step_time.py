@@ -66,6 +66,8 @@ class Spec:
   def label(self) -> str:
     if self.method == "dora":
       return f"dora[{self.dora_path}]"
+    if self.method == "lora" and self.dora_path not in (None, DEFAULT_PATH):
+      return f"lora[{self.dora_path}]"  # a reference path (autodiff backward)
     return f"{self.method}[r={self.vera_rank}]" if self.method in ("vera", "dvora") else self.method
 
   @property
@@ -302,6 +304,7 @@ class Prepared:
     record = {
         "bench": "step_time", "label": spec.label, "method": spec.method,
         "dora_path": (spec.dora_path or DEFAULT_PATH) if spec.method in DORA_METHODS else None,
+        "path": None if spec.method == "frozen-forward" else spec.dora_path or DEFAULT_PATH,
         "preset": spec.preset, "batch": spec.batch, "seq": spec.seq, "tokens_per_step": tokens,
         "rank": None if spec.method == "frozen-forward" else spec.adapter_rank,
         "targets": None if spec.method == "frozen-forward" else list(spec.targets),
@@ -372,8 +375,10 @@ def error_record(spec: Spec, message: str) -> dict[str, Any]:
 
 
 def expand_specs(base: Spec, methods: Sequence[str], dora_paths: Sequence[str],
-                 vera_ranks: Sequence[int] = ()) -> list[Spec]:
-  """One spec per method, one per DoRA path for ``dora``, one per rank in ``vera_ranks``
+                 vera_ranks: Sequence[int] = (),
+                 lora_paths: Sequence[str] = (DEFAULT_PATH,)) -> list[Spec]:
+  """One spec per method, one per DoRA path for ``dora``, one per path for ``lora`` (the
+  ``custom_vjp`` default or the ``factored`` autodiff reference), one per rank in ``vera_ranks``
   (default ``base.vera_rank``) for ``vera`` / ``dvora``; LoRA runs before DoRA and VeRA before
   DVoRA (for the ratios)."""
   specs = []
@@ -383,6 +388,9 @@ def expand_specs(base: Spec, methods: Sequence[str], dora_paths: Sequence[str],
     elif method in ("vera", "dvora"):
       specs += [dataclasses.replace(base, method=method, dora_path=None, vera_rank=r)
                 for r in (vera_ranks or (base.vera_rank,))]
+    elif method == "lora":
+      specs += [dataclasses.replace(base, method="lora", dora_path=None if p == DEFAULT_PATH else p)
+                for p in lora_paths]
     else:
       specs.append(dataclasses.replace(base, method=method, dora_path=None))
   return specs
@@ -456,7 +464,7 @@ def run_all(specs: Sequence[Spec], *, isolate: bool, interleave: bool = False,
         rec = run_one(spec)
       except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
         rec = error_record(spec, f"{type(e).__name__}: {e}"[:2000])
-    if rec.get("method") == "lora" and "error" not in rec:
+    if rec.get("label") == "lora" and "error" not in rec:  # the default path
       lora = rec
     if rec.get("method") == "frozen-forward" and "error" not in rec:
       frozen = rec
@@ -515,6 +523,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help=f"comma list of {', '.join(METHODS)}")
   p.add_argument("--dora-paths", default=",".join(DORA_PATHS),
                  help=f"DoRA execution paths to time (dora_jax.wrap's dora_path): {', '.join(DORA_PATHS)}")
+  p.add_argument("--lora-paths", default=DEFAULT_PATH,
+                 help="LoRA backward to time: custom_vjp (default, hand-written), factored (autodiff)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--rank", type=int, default=16, help="LoRA / DoRA rank")
@@ -548,7 +558,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return []
   methods = common.parse_list(args.methods)
   paths = common.parse_list(args.dora_paths)
-  bad = [m for m in methods if m not in METHODS] + [p for p in paths if p not in DORA_PATHS]
+  lora_paths = common.parse_list(args.lora_paths)
+  bad = ([m for m in methods if m not in METHODS] + [p for p in paths if p not in DORA_PATHS]
+         + [p for p in lora_paths if p not in ("custom_vjp", "factored")])
   if bad:
     raise SystemExit(f"Unknown methods / DoRA paths {bad}; methods: {METHODS}, paths: {DORA_PATHS}.")
   base = Spec(preset=args.preset, batch=args.batch, seq=args.seq, rank=args.rank,
@@ -556,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
               warmup=args.warmup, scan=args.scan, remat=args.remat,
               attention_impl=args.attention_impl, seed=args.seed, dump_hlo=args.dump_hlo)
   vera_ranks = tuple(int(r) for r in common.parse_list(args.vera_ranks))
-  results = run_all(expand_specs(base, methods, paths, vera_ranks), isolate=args.isolate,
+  results = run_all(expand_specs(base, methods, paths, vera_ranks, tuple(lora_paths)), isolate=args.isolate,
                     interleave=args.interleave, out_path=args.out, timeout_s=args.timeout)
   if args.plot:
     plot(results, args.plot)

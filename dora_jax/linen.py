@@ -424,9 +424,9 @@ def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH)
       same outputs and gradients up to rounding (:mod:`dora_jax.variants.dora`):
 
       - ``"custom_vjp"`` (default, the lean path): ``y0 + (g − 1)·(x W0) + g·ΔW x``
-        from the module's own output ``y0``, with a backward that keeps the output
-        ``y`` instead of ``u = x W0 + ΔW x`` (``∇m = Σ dy ⊙ (y − b) / m``; exact for
-        zero magnitudes too) and the norm from the kernel's own dtype with float32
+        from the module's own output ``y0``, with a backward that keeps ``g·u = y − b``
+        (the output ``y`` itself without a bias) instead of ``u = x W0 + ΔW x``
+        (``∇m = Σ dy ⊙ g·u / m``; exact for zero magnitudes too, with or without a bias) and the norm from the kernel's own dtype with float32
         accumulation. With adapter dropout active it runs ``"factored"`` (said once).
       - ``"factored"``: the same forward differentiated by autodiff (keeps ``u``).
       - ``"merged"``: materialize ``W' = m ⊙ V / ||V||_c`` and run the module on it
@@ -434,7 +434,10 @@ def wrap(apply_fn: Callable, config: Any, *, dora_path: str = dora.DEFAULT_PATH)
         active it runs ``"factored"`` (a merged weight cannot drop the adapter's
         input only).
 
-      Layers without DoRA (LoRA, VeRA) always run ``y0 + ΔW x``.
+      Layers without DoRA (LoRA, VeRA) run ``y0 + s·(x A) B``; on ``"custom_vjp"`` with a
+      hand-written backward that contracts ``∇A = xᵀ∇h`` and ``∇B = s·hᵀ∇y`` straight into
+      the leaves' layouts (faster on XLA:CPU than autodiff's orientation), on the other
+      paths by autodiff (the reference).
 
   Raises:
     ValueError: for an unknown ``dora_path``; at call time, for adapters that do not

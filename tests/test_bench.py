@@ -94,12 +94,14 @@ def test_peft_compare_summary_ratios():
   from bench import peft_compare
 
   def round_(rnd, ours_dora_tps):
-    ours = [{"method": "lora", "dora_path": None, "tokens_per_s": 200.0, "median_ms": 10.0, "round": rnd},
+    ours = [{"method": "lora", "dora_path": None, "tokens_per_s": 200.0, "median_ms": 10.0, "round": rnd,
+             "step_time": {"min_ms": 8.0}},
             {"method": "dora", "dora_path": "custom_vjp", "tokens_per_s": ours_dora_tps,
              "median_ms": 12.0, "round": rnd},
             {"method": "dora", "dora_path": "factored", "tokens_per_s": 100.0, "median_ms": 20.0,
              "round": rnd}]
-    theirs = [{"method": "lora", "mode": "eager", "tokens_per_s": 100.0, "median_ms": 20.0, "round": rnd},
+    theirs = [{"method": "lora", "mode": "eager", "tokens_per_s": 100.0, "median_ms": 20.0, "round": rnd,
+               "step_time": {"min_ms": 12.0 + rnd}},
               {"method": "dora", "mode": "eager", "tokens_per_s": 50.0, "median_ms": 30.0, "round": rnd},
               {"method": "dora", "mode": "compile", "error": "no compiler", "round": rnd}]
     return ours, theirs
@@ -116,6 +118,15 @@ def test_peft_compare_summary_ratios():
   assert "dora/peft-compile" not in vs  # the failed configuration is left out, not counted as 0
   assert rec["dora_lora_step_ratio_ours"]["dora"]["median"] == 1.2
   assert rec["dora_lora_step_ratio_peft"]["eager"]["median"] == 1.5
+  # best-step ratios (PEFT's fastest step over ours) where both sides recorded one
+  assert rec["ours_over_peft_best_step"]["lora/peft-eager"] == {"median": 1.625, "min": 1.5, "max": 1.75, "n": 3}
+  assert rec["ours_over_peft_best_step"]["dora/peft-eager"] is None
+
+
+def test_step_time_lora_paths():
+  specs = step_time.expand_specs(step_time.Spec(), ["lora", "dora"], ["custom_vjp"],
+                                 lora_paths=["factored", "custom_vjp"])
+  assert [s.label for s in specs] == ["lora[factored]", "lora", "dora[custom_vjp]"]
 
 
 def test_vera_specs_and_per_round_ratios():

@@ -10,18 +10,19 @@ never rescaled)::
 
 Execution paths (:data:`PATHS`), equal up to rounding:
 
-- ``"custom_vjp"`` (default, the lean one): a hand-written backward that keeps the
-  layer's output ``y`` instead of ``u = x W0 + s(xA)B`` (``∇m = Σ dy ⊙ (y − b) / m``),
-  a buffer the next op usually keeps anyway. A zero or underflowing magnitude (a dead
-  unit, a bf16/fp16 adapter, an imported adapter) would make ``(y − b) / m`` a 0/0: the
+- ``"custom_vjp"`` (default, the lean one): a hand-written backward that keeps
+  ``g·u = y − b`` instead of ``u = x W0 + s(xA)B`` (``∇m = Σ dy ⊙ g·u / m``): for a layer
+  without a bias that is the layer's output ``y``, a buffer the next op usually keeps
+  anyway; a layer with a bias keeps ``g·u`` next to ``y`` (one more ``[tokens, O]``
+  buffer where the next op keeps ``y`` too), since ``y − b`` would lose ``g·u`` to
+  rounding where ``|g·u| ≪ |b|`` (a magnitude near 0). A zero or underflowing magnitude (a dead
+  unit, a bf16/fp16 adapter, an imported adapter) would make ``g·u / m`` a 0/0: the
   forward uses ``m`` clamped to ``|m| ≥ 1e-19`` (:data:`MIN_MAGNITUDE`, a change of
-  ``y`` far below float32 rounding), so ``y − b = g·u`` keeps ``u`` in float32/bfloat16's
+  ``y`` far below float32 rounding), so ``g·u`` keeps ``u`` in float32/bfloat16's
   exponent range and every gradient stays finite; the clamp is straight-through for
-  ``∇m``. ``∇m`` is exact for layers without a bias; with a bias ``b`` and ``|g·u| ≪ |b|``
-  (a magnitude near 0), ``y − b`` loses ``g·u`` to rounding and ``∇m`` of that feature is
-  approximate (finite); use ``"factored"`` where such magnitudes must train exactly. Layers computing in float16 (whose exponent range is
+  ``∇m``, which is exact up to rounding with or without a bias. Layers computing in float16 (whose exponent range is
   too small for that) and layers with adapter dropout active (``u`` is not a function
-  of ``y`` there) run ``"factored"``.
+  of the kept buffer there) run ``"factored"``.
 - ``"factored"``: the same forward, differentiated by autodiff (keeps ``u``).
 - ``"merged"``: materializes ``W'`` and runs the module on it (the reference; handled by
   the front-ends).
@@ -104,7 +105,9 @@ def output(
     bias: the module's bias (DoRA without dropout: ``x W0 = y0 − b``).
     dropped: whether ``x_in`` is a dropped-out input; DoRA then computes
       ``drop(x) W0`` with one more matmul, as PEFT does.
-    path: ``"custom_vjp"`` or ``"factored"`` (see :data:`PATHS`).
+    path: ``"custom_vjp"`` or ``"factored"`` (see :data:`PATHS`). Without a magnitude
+      (LoRA, VeRA), ``"custom_vjp"`` runs :func:`_plain` (the written-out backward) on
+      einsum projections and ``"factored"`` autodiff.
     w0_norm_sq: optional cached ``||W0||²_c`` ``[O]`` float32.
 
   Returns:
@@ -117,8 +120,9 @@ def output(
     raise ValueError(f"DoRA output path must be 'factored' or 'custom_vjp', got {path!r}.")
   dt = y0.dtype
   if magnitude is None:
-    # The scale goes on B [r, O], not on the [tokens, O] output: no extra pass over it.
-    b_s = b if scale == 1.0 else b * jnp.asarray(scale, b.dtype)
+    if path == "custom_vjp" and proj.keeps_free_axes:
+      return _plain(proj, float(scale), y0, x_in.astype(dt), a, b)
+    b_s = _scaled(b, scale)  # on B [r, O], not on the [tokens, O] output: no extra pass over it
     return (y0.astype(_F32) + proj.low_rank(x_in, a, b_s, dt)).astype(dt)
   norm = direction_norm(w_mat, a, b, scale, w0_norm_sq)
   bias_b = None if bias is None else proj.output_bias(bias)
@@ -135,6 +139,51 @@ def output(
 
 
 # ---------------------------------------------------------------------------
+# The plain low-rank update (LoRA, VeRA): y = y0 + s·(x A) B
+
+
+def _scaled(b: Array, scale: float) -> Array:
+  return b if scale == 1.0 else b * jnp.asarray(scale, b.dtype)
+
+
+def _plain_forward(proj, scale, y0, x, a, b):
+  dt = y0.dtype
+  h = proj.down(x, a, dt)
+  return (y0.astype(_F32) + proj.up(h, _scaled(b, scale), dt)).astype(dt), h
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _plain(proj, scale, y0, x, a, b):
+  """``y0 + s·(x A) B`` with the backward written out (the default ``"custom_vjp"`` path).
+
+  The same products autodiff forms, but each weight gradient is contracted with the
+  activation as the first operand straight into the leaf's own layout: ``∇A = xᵀ·∇h``
+  ``[I, r]`` and ``∇B = s·hᵀ·∇y`` ``[r, O]``. Autodiff's transpose rules put the
+  cotangent first (``∇hᵀ·x`` ``[r, I]``, then a transpose); on XLA:CPU that orientation
+  made the whole LoRA training step of the ``tiny`` benchmark 16–22 % slower and its
+  temporary memory 4 % larger (``bench/results/cpu-2026-12-01-lora.jsonl``).
+  Residuals: ``x`` (the base matmul's input) and ``h = x A`` ``[*free, r]``.
+  """
+  return _plain_forward(proj, scale, y0, x, a, b)[0]
+
+
+def _plain_fwd(proj, scale, y0, x, a, b):
+  y, h = _plain_forward(proj, scale, y0, x, a, b)
+  return y, (x, h, a, b)
+
+
+def _plain_bwd(proj, scale, res, dy):
+  x, h, a, b = res
+  dh, db_s = proj.up_transpose(dy, h, _scaled(b, scale))
+  dx, da = proj.down_transpose(dh, x, a)
+  db = db_s if scale == 1.0 else db_s * scale
+  return dy, dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+_plain.defvjp(_plain_fwd, _plain_bwd)
+
+
+# ---------------------------------------------------------------------------
 # The lean path: a backward that keeps y, not u
 
 
@@ -144,12 +193,17 @@ def _clamped(magnitude: Array) -> Array:
 
 
 def _lean_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b):
+  """``(y, g·u, h, g)``; ``g·u = y − b`` is ``y`` itself for a layer without a bias."""
   dt = y0.dtype
   h = proj.down(x, a, dt)
   low = scale * proj.up(h, b, dt)
   g = proj.per_output(core.dora_column_scale(_clamped(magnitude), norm))
   base = y0.astype(_F32) if bias_b is None else y0.astype(_F32) - bias_b.astype(_F32)
-  return _combine(y0, base, low, g).astype(dt), h, g
+  y = _combine(y0, base, low, g).astype(dt)
+  # With a bias, y − b would lose g·u to rounding where |g·u| ≪ |b| (a magnitude near 0):
+  # keep g·u itself for ∇m instead.
+  gu = y if bias_b is None else (g * (base + low)).astype(dt)
+  return y, gu, h, g
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -158,21 +212,21 @@ def _lean(proj, scale, y0, x, a, b, magnitude, norm, bias_b):
 
 
 def _lean_fwd(proj, scale, y0, x, a, b, magnitude, norm, bias_b):
-  y, h, g = _lean_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b)
-  # Residuals: y (the next op usually keeps it too), x (the base matmul keeps it),
-  # h = xA [*free, r] and small vectors. Not u, not W0 (a dequantized W0 would be a copy).
-  return y, (y, x, h, a, b, magnitude, norm, g, bias_b)
+  y, gu, h, g = _lean_forward(proj, scale, y0, x, a, b, magnitude, norm, bias_b)
+  # Residuals: g·u (= y without a bias: the next op usually keeps it too), x (the base
+  # matmul keeps it), h = xA [*free, r] and small vectors. Not u, not W0 (a dequantized W0
+  # would be a copy).
+  return y, (gu, x, h, a, b, magnitude, norm, g, bias_b)
 
 
 def _lean_bwd(proj, scale, res, dy):
-  y, x, h, a, b, magnitude, norm, g, bias_b = res
-  dt = y.dtype
+  gu, x, h, a, b, magnitude, norm, g, bias_b = res
+  dt = gu.dtype
   dy32 = dy.astype(_F32)
   dyg = g * dy32
   dh, db = proj.up_transpose((scale * dyg).astype(dt), h, b)
   dx, da = proj.down_transpose(dh, x, a)
-  u_times_g = y.astype(_F32) if bias_b is None else y.astype(_F32) - bias_b.astype(_F32)
-  dm = proj.per_output_sum(dy32 * u_times_g) / _clamped(magnitude)
+  dm = proj.per_output_sum(dy32 * gu.astype(_F32)) / _clamped(magnitude)
   dbias = None
   if bias_b is not None:  # y depends on b explicitly through −(g − 1)·b
     axes = tuple(i for i, n in enumerate(bias_b.shape) if n == 1)
