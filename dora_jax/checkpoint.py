@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ import numpy as np
 from dora_jax.config import LoraConfig, config_from_dict
 from dora_jax.tree import check_adapters, check_config_matches, flatten_adapters, unbox, unflatten
 from dora_jax.variants import SHARED_KEY
+from dora_jax.variants import vera
 
 PathLike = Any  # str, os.PathLike or etils.epath.Path (gs:// paths work through Orbax)
 Sharding = jax.sharding.Sharding
@@ -250,6 +251,7 @@ def save_adapters(
   check_config_matches(adapters, config)
   if params is not None:
     check_adapters(params, adapters)
+  regenerate = _projections_regenerable(adapters, config)
   info = {
       "format": "dora_jax.adapters",
       "format_version": FORMAT_VERSION,
@@ -260,6 +262,7 @@ def save_adapters(
       "metadata": json.loads(json.dumps(dict(metadata or {}))),
       "adapters": _adapter_manifest(adapters),
       "base_fingerprint": None if params is None else params_fingerprint(params),
+      "projections_regenerated": regenerate,
   }
   # The sidecar goes first and comes back last: a crash in between leaves a
   # directory that load_adapters refuses rather than one with mismatched halves.
@@ -269,8 +272,8 @@ def save_adapters(
       sidecar.unlink()
   # Nested dicts (no '/' in Orbax's names), adapter leaves only.
   tree = unflatten({path: dict(leaves) for path, leaves in flatten_adapters(adapters).items()})
-  if isinstance(adapters, Mapping) and SHARED_KEY in adapters:  # VeRA's projections (save_projection)
-    tree[SHARED_KEY] = dict(adapters[SHARED_KEY])
+  if isinstance(adapters, Mapping) and SHARED_KEY in adapters and not regenerate:
+    tree[SHARED_KEY] = dict(adapters[SHARED_KEY])  # VeRA's projections (save_projection=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, tree, force=overwrite)
     ckptr.wait_until_finished()
@@ -280,6 +283,35 @@ def save_adapters(
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
     multihost_utils.sync_global_devices("dora_jax.save_adapters")
+
+
+def _projections_regenerable(adapters: Mapping, config: Any) -> bool:
+  """Whether VeRA's shared projections are left out of the files (``save_projection=False``).
+
+  They are re-drawn from ``projection_prng_key`` on load, so they are left out only after
+  checking that the re-draw gives them back bit for bit.
+
+  Raises:
+    ValueError: ``save_projection=False`` but the projections are not the draw of
+      ``projection_prng_key`` (e.g. imported from PEFT, whose torch generator JAX cannot
+      reproduce): leaving them out would lose them.
+  """
+  if getattr(config, "save_projection", True) or SHARED_KEY not in adapters:
+    return False
+  shared = adapters[SHARED_KEY]
+  redrawn = _redraw_projections(config, {k: np.shape(v) for k, v in shared.items()})
+  if any(not np.array_equal(np.asarray(_to_host(shared[k]), np.float32), redrawn[k]) for k in shared):
+    raise ValueError(
+        "save_projection=False, but these VeRA projections are not the draw of"
+        f" projection_prng_key={config.projection_prng_key} (imported from PEFT, or changed):"
+        " leaving them out would lose them; save with save_projection=True.")
+  return True
+
+
+def _redraw_projections(config: Any, shapes: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+  """VeRA's shared projections drawn from ``config.projection_prng_key`` in the saved shapes."""
+  i_max, o_max = shapes[vera.PROJECTION_A][0], shapes[vera.PROJECTION_B][1]
+  return {k: np.asarray(v) for k, v in vera.init_shared(i_max, o_max, config).items()}
 
 
 def _leaf_shardings(
@@ -351,6 +383,7 @@ def load_adapters(
   except ValueError as e:
     raise CheckpointMismatchError(f"{directory}: the sidecar contradicts itself: {e}") from e
   leaf_shardings = _leaf_shardings(shardings, manifest)
+  regenerated = info.get("projections_regenerated", False)
   abstract = unflatten({
       path: {
           k: jax.ShapeDtypeStruct(
@@ -359,6 +392,7 @@ def load_adapters(
           for k, spec in leaves.items()
       }
       for path, leaves in manifest.items()
+      if not (regenerated and path == SHARED_KEY)
   })
   if params is not None:
     try:
@@ -377,6 +411,12 @@ def load_adapters(
       )
   with _ocp().StandardCheckpointer() as ckptr:
     restored = ckptr.restore(_epath(directory) / ADAPTERS_SUBDIR, abstract)
+  if regenerated:  # save_projection=False: re-drawn from projection_prng_key, as PEFT does
+    shared = manifest[SHARED_KEY]
+    redrawn = _redraw_projections(saved_config, {k: v["shape"] for k, v in shared.items()})
+    restored[SHARED_KEY] = {
+        k: jax.device_put(redrawn[k].astype(shared[k]["dtype"]), leaf_shardings[SHARED_KEY][k])
+        for k in shared}
   return restored, saved_config
 
 

@@ -177,3 +177,31 @@ def test_save_load_and_peft_export_refusal(tmp_path):
                              dora_jax.wrap(model.apply, cfg)(params, ad, x), rtol=1e-6)
   with pytest.raises(ValueError, match="DVoRA.*merged"):
     dora_jax.export_peft(tmp_path / "p", ad, cfg)
+
+
+def _dir_bytes(path):
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_save_projection_false_leaves_projections_out_and_redraws_them(tmp_path):
+  """PEFT's save_projection=False: the files hold no vera_A/vera_B; load re-draws them from
+  projection_prng_key, bit for bit; projections that are not that draw are refused, not lost."""
+  import dataclasses
+
+  model, x, params, cfg, ad = setup(True, r=64)
+  lean = dataclasses.replace(cfg, save_projection=False)
+  dora_jax.save_adapters(tmp_path / "full", ad, cfg)
+  dora_jax.save_adapters(tmp_path / "lean", ad, lean)
+  projection_bytes = sum(v.nbytes for v in ad["shared"].values())
+  assert _dir_bytes(tmp_path / "full") - _dir_bytes(tmp_path / "lean") >= projection_bytes
+  loaded, loaded_cfg = dora_jax.load_adapters(tmp_path / "lean", lean)
+  assert loaded_cfg == lean
+  for k in ("vera_A", "vera_B"):
+    np.testing.assert_array_equal(loaded["shared"][k], ad["shared"][k])
+    assert loaded["shared"][k].dtype == ad["shared"][k].dtype
+  np.testing.assert_array_equal(dora_jax.wrap(model.apply, lean)(params, loaded, x),
+                                dora_jax.wrap(model.apply, cfg)(params, ad, x))
+  moved = {**ad, "shared": {**ad["shared"], "vera_A": ad["shared"]["vera_A"].at[0, 0].add(1e-3)}}
+  with pytest.raises(ValueError, match="not the draw of projection_prng_key=7"):
+    dora_jax.save_adapters(tmp_path / "moved", moved, lean)
+  assert not (tmp_path / "moved" / "dora_jax.json").exists()
