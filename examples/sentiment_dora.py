@@ -17,6 +17,7 @@ import optax
 import dora_jax
 from dora_jax.models import Llama, load_smollm2
 from train import data
+from train.steps import at_loss_positions, loss_positions
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=30)
@@ -59,16 +60,13 @@ def accuracy(adapters):
 
 # The loss sits on the label and end-of-turn tokens only: compute the LM head (49k-word vocabulary)
 # at those positions, not at all 64 (a [batch, 64, 49152] float32 logits tensor and its gradient).
-LOSS_POSITIONS = 2
-train["logits_at"] = np.argsort(-(train["loss_mask"] > 0).astype(np.int8), axis=1,
-                               kind="stable")[:, :LOSS_POSITIONS].astype(np.int32)
+train["logits_at"] = loss_positions(train["loss_mask"], 2)
 
 
 def loss_fn(params, adapters, batch, rng):
-  at = batch["logits_at"]
-  logits = apply(params, adapters, batch["input_ids"], attention_mask=batch["attention_mask"], logits_at=at)
-  targets = jnp.take_along_axis(batch["targets"], at, axis=1)
-  mask = jnp.take_along_axis(batch["loss_mask"], at, axis=1)
+  logits = apply(params, adapters, batch["input_ids"], attention_mask=batch["attention_mask"],
+                 logits_at=batch["logits_at"])
+  targets, mask = at_loss_positions(batch)
   nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
   return jnp.sum(nll * mask) / jnp.sum(mask)
 
