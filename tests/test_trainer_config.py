@@ -87,6 +87,16 @@ def test_help_shows_defaults_and_peft_names():
     assert s in text, s
 
 
+def test_boolean_flags_take_a_value_or_a_no_prefix(tmp_path):
+  toml = _write(tmp_path, "progress = true\nscan_layers = true\n[lora]\nuse_rslora = true\n")
+  cfg = load_config(["--config", toml, "--no-progress", "--no_scan_layers", "--no-use-rslora"])
+  assert (cfg.progress, cfg.scan_layers, cfg.rslora) == (False, False, False)
+  assert load_config(["--config", toml]).progress is True
+  assert load_config(["--no-progress", "--progress"]).progress is True  # the last one wins
+  assert load_config(["--progress", "false"]).progress is False
+  assert load_config(["--no-rslora"]).rslora is False
+
+
 def test_eval_size_is_a_fraction_or_a_count():
   assert make_config({}).eval_size == 0.1
   assert load_config(["--eval-size", "200"]).eval_size == 200

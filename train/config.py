@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
       description="Fine-tune a causal LM with DoRA / LoRA / VeRA / DVoRA (or fully) using dora_jax."
       " Flags accept dashes or underscores (--learning-rate, --learning_rate). The adapter options"
       " take PEFT's names (--r, --lora-alpha, --target-modules, --lora-dropout, --use-rslora,"
-      " --vera-dropout); the older --rank, --alpha, --targets, --dropout, --rslora are aliases.",
+      " --vera-dropout); the older --rank, --alpha, --targets, --dropout, --rslora are aliases."
+      " A BOOL flag alone means true; --no-FLAG means false (--no-progress, --no-scan-layers).",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   parser.add_argument("--config", type=Path, default=None,
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                           " regex characters is taken as a regex).")
     else:
       parser.add_argument(_flag(f.name), *names, dest=f.name, **kw)
+    if kind is bool:
+      parser.add_argument(*["--no-" + n[2:] for n in [_flag(f.name), *names]], dest=f.name,
+                          action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
   return parser
 
 
