@@ -223,15 +223,16 @@ def _lean_bwd(proj, scale, res, dy):
   gu, x, h, a, b, magnitude, norm, g, bias_b = res
   dt = gu.dtype
   dy32 = dy.astype(_F32)
-  dyg = g * dy32
-  dh, db = proj.up_transpose((scale * dyg).astype(dt), h, b)
+  dyg = (g * dy32).astype(dt)  # y0's cotangent; the low-rank part reuses it (s on B, not on dyg)
+  dh, db_s = proj.up_transpose(dyg, h, _scaled(b, scale))
+  db = db_s if scale == 1.0 else db_s * scale
   dx, da = proj.down_transpose(dh, x, a)
   dm = proj.per_output_sum(dy32 * gu.astype(_F32)) / _clamped(magnitude)
   dbias = None
   if bias_b is not None:  # y depends on b explicitly through −(g − 1)·b
     axes = tuple(i for i, n in enumerate(bias_b.shape) if n == 1)
     dbias = jnp.sum(dy32 * (1.0 - g), axis=axes, keepdims=True).astype(bias_b.dtype)
-  return (dyg.astype(dt), dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype),
+  return (dyg, dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype),
           dm.astype(magnitude.dtype), jnp.zeros_like(norm), dbias)
 
 
