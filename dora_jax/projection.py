@@ -142,6 +142,15 @@ class Projection:
                     preferred_element_type=_F32)
     return dx.astype(dt), da.reshape(self.i_dim, r)
 
+  def base_transpose(self, dy: Array, w_mat: Array) -> Array:
+    """Cotangent of :meth:`base` for ``dy`` (``y``'s layout): ``∇x = ∇y W0ᵀ`` in ``x``'s
+    layout and ``dy``'s dtype (float32 accumulation); ``w_mat: [I, O]``, cast to ``dy``'s dtype."""
+    dt = dy.dtype
+    dx = jnp.einsum(f"{self.out},{self.ins}{self.outs}->{self.lhs}", dy,
+                    w_mat.astype(dt).reshape(*self.in_shape, *self.out_shape),
+                    preferred_element_type=_F32)
+    return dx.astype(dt)
+
   def per_output_sum(self, t: Array) -> Array:
     """Sums ``t`` (``y``'s layout) over every non-output axis -> ``[O]`` (``outs`` order).
 
