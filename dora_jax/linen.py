@@ -247,10 +247,11 @@ def _factored_call(module, next_fun, context, args, kwargs, config, shared, inpu
     say_once("dropout-factored", "adapter dropout is active: DoRA layers run the 'factored'"
              " path (autodiff keeps u = x W0 + ΔW x per layer; the lean 'custom_vjp' path"
              " needs dropout off).")
+  stored = not quant.is_quantized(tree_lib.unbox(module.get_variable("params", "kernel")))
   return variants.output(proj, y0, x_in, kernel.reshape(i_dim, o_dim), ad, config,
                          shared=shared, bias=bias, dropped=dropout_on,
                          path="factored" if dora_path == "factored" else "custom_vjp",
-                         w0_norm_sq=_cached_norm(module, o_dim))
+                         w0_norm_sq=_cached_norm(module, o_dim), w_is_stored=stored)
 
 
 def conv_fn(module: nn.Conv) -> Callable[[Array, Array], Array]:

@@ -319,7 +319,8 @@ class AdaptedLinear(nnx.Module):
     return variants.output(
         proj, y0, x_in, kernel_matrix(base), self.adapter(), self.config, shared=self.shared(),
         bias=None if bias is None else bias[...], dropped=dropped,
-        path=self.dora_path, w0_norm_sq=None if self.base_norm is None else self.base_norm[...])
+        path=self.dora_path, w0_norm_sq=None if self.base_norm is None else self.base_norm[...],
+        w_is_stored=not quant.is_quantized(_weight(base).get_value()) and _kernel_perm(base) is None)
 
   def attend(self, query: Array) -> Array:
     """An adapted ``nnx.Embed``'s ``attend`` (a tied head): ``query · W'ᵀ``, as the Linen

@@ -138,11 +138,12 @@ def unmerge_kernel(w_merged: Array, adapter: Mapping, config: Any, shared: Mappi
 
 def output(proj: Projection, y0: Array, x_in: Array, w_mat: Array, adapter: Mapping, config: Any,
            *, shared: Mapping | None = None, bias: Array | None = None, dropped: bool = False,
-           path: str = dora.DEFAULT_PATH, w0_norm_sq: Array | None = None) -> Array:
+           path: str = dora.DEFAULT_PATH, w0_norm_sq: Array | None = None,
+           w_is_stored: bool = False) -> Array:
   """The adapted output of one layer from its base output ``y0``; see :func:`dora.output`."""
   a, b, s = factors(config, adapter, shared, proj.i_dim, proj.o_dim)
   return dora.output(proj, y0, x_in, w_mat, a, b, s, adapter.get(MAGNITUDE), bias, dropped,
-                     path, w0_norm_sq)
+                     path, w0_norm_sq, w_is_stored)
 
 
 __all__ = [
