@@ -337,14 +337,25 @@ def run_interleaved(specs: Sequence[Spec]) -> list[dict[str, Any]]:
 
   On a shared or throttling machine, load drifts over minutes; interleaving gives
   every configuration the same conditions, so their ratios stay meaningful. The
-  process max RSS then covers all configurations together (labelled so).
+  process max RSS then covers all configurations together (labelled so). A configuration
+  that fails to build, compile or run (e.g. out of memory) becomes an ``error`` record and
+  the others go on.
   """
-  prepared = [Prepared(s) for s in specs]
+  slots: list[Any] = []
+  for s in specs:
+    try:
+      slots.append(Prepared(s))
+    except Exception as e:  # noqa: BLE001 - report and go on
+      slots.append(error_record(s, f"{type(e).__name__}: {e}"[:2000]))
   for _ in range(max(s.steps for s in specs)):
-    for p in prepared:
-      if len(p.times) < p.spec.steps:
-        p.step()
-  return [p.record(" [interleaved: all configurations of this run]") for p in prepared]
+    for i, p in enumerate(slots):
+      if isinstance(p, Prepared) and len(p.times) < p.spec.steps:
+        try:
+          p.step()
+        except Exception as e:  # noqa: BLE001
+          slots[i] = error_record(p.spec, f"{type(e).__name__}: {e}"[:2000])
+  return [p.record(" [interleaved: all configurations of this run]") if isinstance(p, Prepared) else p
+          for p in slots]
 
 
 # ---------------------------------------------------------------------------

@@ -159,3 +159,70 @@ def test_quant_memory_bits_and_compiled_step_memory():
   assert mem["xla"]["argument_bytes"] >= mem["base_bytes"] + mem["adapter_bytes"] + mem["opt_state_bytes"]
   text = quant_memory.tables([rec, mem])
   assert "| tiny | nf4 | 4.1" in text and "| tiny | 1×16 | none |" in text
+
+
+def test_run_interleaved_keeps_the_configurations_that_work(monkeypatch):
+  class Fake:
+    def __init__(self, spec):
+      if spec.method == "dora":
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+      self.spec, self.times = spec, []
+
+    def step(self):
+      if self.spec.method == "frozen-forward" and len(self.times) == 1:
+        raise RuntimeError("device lost")
+      self.times.append(0.1)
+
+    def record(self, note):
+      return {"label": self.spec.label, "steps": len(self.times), "note": note}
+
+  monkeypatch.setattr(step_time, "Prepared", Fake)
+  specs = step_time.expand_specs(step_time.Spec(steps=3), ["frozen-forward", "lora", "dora"], ["custom_vjp"])
+  frozen, lora, dora = step_time.run_interleaved(specs)
+  assert "device lost" in frozen["error"] and frozen["label"] == "frozen-forward"
+  assert lora["steps"] == 3 and "interleaved" in lora["note"]
+  assert "out of memory" in dora["error"] and dora["label"] == "dora[custom_vjp]"
+
+
+def _step_record(label, method, median_ms, temp, **extra):
+  xla = {"argument_bytes": 1000, "output_bytes": 100, "alias_bytes": 100, "temp_bytes": temp,
+         "generated_code_bytes": 0}
+  return {"label": label, "method": method, "dora_path": "custom_vjp" if method == "dora" else None,
+          "median_ms": median_ms, "step_time": {"p10_ms": median_ms, "p90_ms": median_ms},
+          "tokens_per_s": 8192 / median_ms * 1e3, "memory": {"peak_bytes": 1, "xla": xla},
+          "device_kind": "NVIDIA H200", "preset": "tinyllama-1.1b", "batch": 4, "seq": 2048, **extra}
+
+
+def test_gpu_report_summary_reads_targets_and_a_cut_peft_run(tmp_path):
+  """The summary of a run whose peft_compare was killed before its summary line."""
+  from bench import gpu_report
+
+  stages = [{"stage": "step_time_tinyllama", "status": "ok", "rc": 0},
+            {"stage": "peft_compare", "status": "timeout", "rc": 124}]
+  (tmp_path / "stages.jsonl").write_text("".join(json.dumps(s) + "\n" for s in stages))
+  lora = _step_record("lora", "lora", 100.0, 1000, mfu=0.5)
+  dora = _step_record("dora[custom_vjp]", "dora", 110.0, 1200, mfu=0.46,
+                      dora_lora_ratio=1.1, dora_lora_ratio_per_round={"median": 1.04})
+  (tmp_path / "step_time_tinyllama.jsonl").write_text(json.dumps(lora) + "\n" + json.dumps(dora) + "\n")
+  ours = [{**_step_record("lora", "lora", 100.0, 1000), "side": "dora_jax", "round": 0,
+           "memory": {"peak_bytes": 20e9, "kind": "device peak_bytes_in_use"}},
+          {**_step_record("dora[custom_vjp]", "dora", 110.0, 1200), "side": "dora_jax", "round": 0,
+           "memory": {"peak_bytes": 23e9, "kind": "device peak_bytes_in_use"}}]
+  theirs = [{"side": "peft", "mode": "eager", "method": "dora", "label": "peft-eager[dora]", "round": 0,
+             "median_ms": 330.0, "tokens_per_s": 8192 / 0.33, "step_time": {"min_ms": 300.0}},
+            {"side": "peft", "mode": "compile", "method": "dora", "label": "peft-compile[dora]",
+             "round": 0, "median_ms": 200.0, "tokens_per_s": 8192 / 0.2, "step_time": {"min_ms": 190.0}}]
+  (tmp_path / "peft_compare.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours + theirs))
+  s = gpu_report.summarize(tmp_path)
+  t = s["targets"]
+  assert t["dora_lora_step_time"]["value"] == 1.04 and t["dora_lora_step_time"]["met"] is True
+  # device peaks of the isolated runs (23 / 20 GB), not the XLA estimate (2200 / 2000)
+  assert t["dora_lora_peak_memory"]["value"] == 1.15 and t["dora_lora_peak_memory"]["met"] is False
+  assert t["dora_lora_peak_memory"]["xla_peak_estimate"] == 1.1 and t["dora_lora_peak_memory"]["xla_temp"] == 1.2
+  assert t["dora_over_peft_compile_tokens_per_s"]["value"] == round(200 / 110, 4)
+  assert t["dora_over_peft_compile_tokens_per_s"]["met"] is False
+  assert t["lora_mfu"] == {**t["lora_mfu"], "value": 0.5, "met": True}
+  assert s["peft_compare"]["partial"] is True
+  assert s["peft_compare"]["ours_over_peft_tokens_per_s"]["dora/peft-eager"] == 3.0
+  assert "lora/peft-compile" not in s["peft_compare"]["ours_over_peft_tokens_per_s"]  # never ran
+  assert s["stages"]["peft_compare"]["status"] == "timeout"
