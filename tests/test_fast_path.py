@@ -269,17 +269,24 @@ def test_base_norms_for_a_module_without_dora_are_rejected():
 # LoRA (no magnitude): the default path's written-out backward
 
 
+class _OneDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(6, name="up")(x)
+
+
+def _one_dense(x_shape):
+  """A one-Dense (6 outputs, named "up") model, an input of ``x_shape`` and perturbed params."""
+  model, x = _OneDense(), jnp.asarray(rand(*x_shape))
+  params = jax.tree.map(lambda t: t + 0.3 * jnp.asarray(rand(*t.shape)),
+                        model.init(jax.random.key(0), x)["params"])
+  return model, x, params
+
+
 def test_lora_default_backward_matches_numpy():
   """y = x W0 + b + s·(x A) B: ∇A = s·xᵀ(∇y Bᵀ), ∇B = s·(x A)ᵀ∇y, ∇x = ∇y W0ᵀ + s·∇y Bᵀ Aᵀ."""
 
-  class One(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(6, name="up")(x)
-
-  model, x = One(), jnp.asarray(rand(3, 7, 4))
-  params = jax.tree.map(lambda t: t + 0.3 * jnp.asarray(rand(*t.shape)),
-                        model.init(jax.random.key(0), x)["params"])
+  model, x, params = _one_dense((3, 7, 4))
   cfg = dora_jax.LoraConfig(r=2, lora_alpha=3.0, target_modules=["up"], init_lora_weights=False)
   ad = dora_jax.init_adapters(jax.random.key(1), params, cfg)
   dy = rand(3, 7, 6)
@@ -328,14 +335,7 @@ def test_dora_default_backward_matches_numpy():
   ∇B = s·(x A)ᵀ(g ⊙ ∇y), ∇A = s·xᵀ((g ⊙ ∇y) Bᵀ), ∇x = (g ⊙ ∇y)(W0ᵀ + s·Bᵀ Aᵀ); 32 token
   rows, so the folded column sum of ∇m (Projection.per_output_sum) runs."""
 
-  class One(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(6, name="up")(x)
-
-  model, x = One(), jnp.asarray(rand(4, 8, 5))
-  params = jax.tree.map(lambda t: t + 0.3 * jnp.asarray(rand(*t.shape)),
-                        model.init(jax.random.key(0), x)["params"])
+  model, x, params = _one_dense((4, 8, 5))
   cfg = dora_jax.LoraConfig(r=2, lora_alpha=3.0, target_modules=["up"], use_dora=True,
                             init_lora_weights=False)
   ad = dora_jax.init_adapters(jax.random.key(1), params, cfg)
