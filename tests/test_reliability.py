@@ -69,25 +69,11 @@ def _same(a, b):
   return strip(a) == strip(b)
 
 
-_CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0,
-                  "jax_persistent_cache_min_entry_size_bytes": -1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for this module only: every run here compiles the same
-  programs, so each is compiled once (in this process and in the subprocesses)."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-
-  path = tmp_path_factory.mktemp("jax_cache")
-  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  for name, value in {**_CACHE_OPTIONS, "jax_compilation_cache_dir": str(path)}.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
-  yield path
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
+@pytest.fixture
+def compile_cache(session_compilation_cache) -> Path:
+  """The test session's persistent compilation cache (``tests/conftest.py``), which the
+  subprocesses here share: every run compiles the same programs, so each is compiled once."""
+  return Path(session_compilation_cache)
 
 
 @pytest.fixture(scope="module")
@@ -388,8 +374,7 @@ def test_9_import_peft_refuses_incomplete_files_and_nan(tmp_path):
 
 def _env(cache: Path) -> dict:
   return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-          **{name.upper(): str(value) for name, value in _CACHE_OPTIONS.items()},
-          "JAX_COMPILATION_CACHE_DIR": str(cache)}
+          "JAX_COMPILATION_CACHE_DIR": str(cache)}  # the other cache settings: from os.environ
 
 
 def _cmd(out: str, steps: int) -> list[str]:
