@@ -13,6 +13,7 @@ forward of :func:`dora_jax.variants.dora.output` (its autodiff path).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import string
 from typing import Callable, Sequence
@@ -23,6 +24,33 @@ import opt_einsum
 
 Array = jax.Array
 _F32 = jnp.float32
+
+
+def _down_weight_grad(equation: str, dh: Array, x: Array) -> Array:
+  """``einsum(equation, dh, x)`` -> ``[r, *ins]`` float32, transposed to ``[*ins, r]``."""
+  dat = jax.lax.optimization_barrier(jnp.einsum(equation, dh, x, preferred_element_type=_F32))
+  return jnp.moveaxis(dat, 0, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _down_product(equations: tuple[str, str], x: Array, a: Array) -> Array:
+  """``einsum(equations[0], x, a)`` float32; the backward's ``∇a`` from ``equations[1]``."""
+  return jnp.einsum(equations[0], x, a, preferred_element_type=_F32)
+
+
+def _down_product_fwd(equations, x, a):
+  return _down_product(equations, x, a), (x, a)
+
+
+def _down_product_bwd(equations, residuals, dh):
+  x, a = residuals
+  _, x_vjp = jax.vjp(lambda x_: jnp.einsum(equations[0], x_, a, preferred_element_type=_F32), x)
+  (dx,) = x_vjp(dh)
+  da = _down_weight_grad(equations[1], dh.astype(x.dtype), x)
+  return dx.astype(x.dtype), da.astype(a.dtype)
+
+
+_down_product.defvjp(_down_product_fwd, _down_product_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +132,30 @@ class Projection:
     return self.up(self.down(x, a, dtype), b, dtype)
 
   def down(self, x: Array, a: Array, dtype) -> Array:
-    """``h = x A`` ``[*free, r]`` in ``dtype`` (accumulated in float32)."""
+    """``h = x A`` ``[*free, r]`` in ``dtype`` (accumulated in float32).
+
+    Differentiable; its backward gives ``∇A`` as :meth:`down_transpose` does (see
+    :meth:`down_weight_grad`), ``∇x = ∇h Aᵀ`` as autodiff.
+    """
     r, rl = a.shape[-1], self._rank_letter()
-    h = jnp.einsum(f"{self.lhs},{self.ins}{rl}->{self.free}{rl}", x.astype(dtype),
-                   a.astype(dtype).reshape(*self.in_shape, r), preferred_element_type=_F32)
+    equation = f"{self.lhs},{self.ins}{rl}->{self.free}{rl}"
+    grad_equation = f"{self.free}{rl},{self.lhs}->{rl}{self.ins}"
+    h = _down_product((equation, grad_equation), x.astype(dtype),
+                      a.astype(dtype).reshape(*self.in_shape, r))
     return h.astype(dtype)
+
+  def down_weight_grad(self, dh: Array, x: Array) -> Array:
+    """``∇A = xᵀ ∇h`` ``[I, r]`` float32 for ``dh: [*free, r]``, ``x`` in ``lhs``.
+
+    Computed as ``(∇hᵀ x)ᵀ``: contracting the token axes of ``x`` where they are its
+    major axes lets XLA:CPU read ``x`` in place; ``xᵀ ∇h`` as written copied ``x``
+    transposed (a ``[I, tokens]`` copy per adapted layer, ~7 % of the ``tiny`` LoRA
+    step). The optimization barrier keeps XLA from folding the final ``[r, I]``
+    transpose back into the product.
+    """
+    rl = self._rank_letter()
+    return _down_weight_grad(f"{self.free}{rl},{self.lhs}->{rl}{self.ins}", dh.astype(x.dtype),
+                             x).reshape(self.i_dim, dh.shape[-1])
 
   def up(self, h: Array, b: Array, dtype) -> Array:
     """``h B`` in ``y``'s layout, float32; ``h: [*free, r]``, ``b: [r, O]``."""
@@ -138,9 +185,7 @@ class Projection:
     dt = dh.dtype
     dx = jnp.einsum(f"{self.free}{rl},{self.ins}{rl}->{self.lhs}", dh,
                     a.astype(dt).reshape(*self.in_shape, r), preferred_element_type=_F32)
-    da = jnp.einsum(f"{self.lhs},{self.free}{rl}->{self.ins}{rl}", x.astype(dt), dh,
-                    preferred_element_type=_F32)
-    return dx.astype(dt), da.reshape(self.i_dim, r)
+    return dx.astype(dt), self.down_weight_grad(dh, x.astype(dt))
 
   def base_transpose(self, dy: Array, w_mat: Array) -> Array:
     """Cotangent of :meth:`base` for ``dy`` (``y``'s layout): ``∇x = ∇y W0ᵀ`` in ``x``'s
