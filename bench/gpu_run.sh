@@ -173,7 +173,7 @@ fi
 # PEFT's DoRA first in each torch mode: dora/peft-compile is the target.
 run_stage peft_compare "$L_PEFT" "$M_PEFT" \
   "$PY" -m bench.peft_compare --preset "$PRESET" --batch "$BATCH" --seq "$SEQ" "${COMMON[@]}" \
-  --methods dora,lora "${PEFT_ARGS[@]}" --out "$OUT/peft_compare.jsonl"
+  --scan --methods dora,lora "${PEFT_ARGS[@]}" --out "$OUT/peft_compare.jsonl"
 
 run_stage quant_memory_tinyllama "$L_QMEM" "$M_QMEM" \
   "$PY" -m bench.quant_memory --parts memory --memory-shapes "$QUANT_SHAPE" \

@@ -307,7 +307,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float32")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="ours: nn.scan the layers")
+  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
+                 help="ours: nn.scan the layers (default off, as the model and the trainer)")
   p.add_argument("--remat", default="none", choices=["none", "full", "dots"], help="ours")
   p.add_argument("--attention-impl", default="auto", help="ours: auto (cudnn on GPU in bf16), xla, cudnn")
   p.add_argument("--cpu-threads", type=int, default=0,

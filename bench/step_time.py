@@ -56,7 +56,7 @@ class Spec:
   dtype: str = "auto"
   steps: int = 20
   warmup: int = 3
-  scan: bool = True
+  scan: bool = False
   remat: str = "none"
   attention_impl: str = "auto"
   seed: int = 0
@@ -545,7 +545,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU/TPU, float32 on CPU), bfloat16, float32")
   p.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation (at least 1)")
-  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="nn.scan the layers")
+  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
+                 help="nn.scan the layers (default off: the model's and the trainer's default;"
+                      " on XLA:CPU the unrolled step is ~12 %% faster, scan compiles deep models faster)")
   p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
   p.add_argument("--attention-impl", default="auto", help="auto (cudnn on GPU in bf16), xla, cudnn")
   p.add_argument("--seed", type=int, default=0)
