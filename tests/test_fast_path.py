@@ -331,17 +331,19 @@ def test_lora_default_backward_matches_autodiff_dense_general_einsum(dtype):
 # DoRA: the default path's written-out backward against float64 formulas
 
 
-def test_dora_default_backward_matches_numpy():
+@pytest.mark.parametrize("tokens", [(4, 8), (1, 3)])
+def test_dora_default_backward_matches_numpy(tokens):
   """y = g ⊙ (x W0 + s·(x A) B) + b, g = m / sg(n): ∇m = Σ_t ∇y ⊙ u / n,
-  ∇B = s·(x A)ᵀ(g ⊙ ∇y), ∇A = s·xᵀ((g ⊙ ∇y) Bᵀ), ∇x = (g ⊙ ∇y)(W0ᵀ + s·Bᵀ Aᵀ); 32 token
-  rows, so the folded column sum of ∇m (Projection.per_output_sum) runs."""
+  ∇B = s·(x A)ᵀ(g ⊙ ∇y), ∇A = s·xᵀ((g ⊙ ∇y) Bᵀ), ∇x = (g ⊙ ∇y)(W0ᵀ + s·Bᵀ Aᵀ). 32 token
+  rows (≥ I = 5: g folded into the [I, O] matrices; the folded column sum of ∇m runs) and
+  3 rows (< I: g on the [tokens, O] cotangent)."""
 
-  model, x, params = _one_dense((4, 8, 5))
+  model, x, params = _one_dense((*tokens, 5))
   cfg = dora_jax.LoraConfig(r=2, lora_alpha=3.0, target_modules=["up"], use_dora=True,
                             init_lora_weights=False)
   ad = dora_jax.init_adapters(jax.random.key(1), params, cfg)
   ad["up"]["magnitude"] = ad["up"]["magnitude"] * jnp.linspace(0.3, 1.7, 6)
-  dy = rand(4, 8, 6)
+  dy = rand(*tokens, 6)
   f = dora_jax.wrap(model.apply, cfg)  # the default path
   d_ad, dx = grads_of(f, params, ad, x, jnp.asarray(dy))
   s = cfg.scale

@@ -171,12 +171,13 @@ def _plain_forward(proj, scale, y0, x, a, b):
 def _plain(proj, scale, y0, x, a, b):
   """``y0 + s·(x A) B`` with the backward written out (the default ``"custom_vjp"`` path).
 
-  The same products autodiff forms, but each weight gradient is contracted with the
-  activation as the first operand straight into the leaf's own layout: ``∇A = xᵀ·∇h``
-  ``[I, r]`` and ``∇B = s·hᵀ·∇y`` ``[r, O]``. Autodiff's transpose rules put the
-  cotangent first (``∇hᵀ·x`` ``[r, I]``, then a transpose); on XLA:CPU that orientation
-  made the whole LoRA training step of the ``tiny`` benchmark 16–22 % slower and its
-  temporary memory 4 % larger (``bench/results/cpu-2026-12-01-lora.jsonl``).
+  The same products autodiff forms, each weight gradient in an orientation XLA:CPU runs
+  without copying a ``[tokens, ·]`` operand: ``∇B = s·hᵀ·∇y`` ``[r, O]`` straight into
+  ``B``'s layout and ``∇A = (∇hᵀ·x)ᵀ`` (:meth:`Projection.down_weight_grad`: the product
+  reads ``x`` in place, then the small ``[r, I]`` result is transposed). Autodiff's
+  transpose rules fold those transposes into the products, which XLA:CPU ran as slower
+  dots with ``[16, tokens]`` copies of ``h``: the whole LoRA training step of the ``tiny``
+  benchmark was 16–22 % slower (``bench/results/cpu-2026-12-01-lora.jsonl``).
   Residuals: ``x`` (the base matmul's input) and ``h = x A`` ``[*free, r]``.
   """
   return _plain_forward(proj, scale, y0, x, a, b)[0]
@@ -249,11 +250,18 @@ def _lean_bwd(proj, scale, res, dy):
   dy32 = dy.astype(_F32)
   dm = proj.per_output_sum(dy32 * gu.astype(_F32)) / _clamped(magnitude)
   dnorm = jnp.zeros_like(norm)
-  if w0 is not None:
-    # A frozen stored kernel: g goes on the [I, O] / [r, O] matrices, not on a [tokens, O]
-    # cotangent. ∇x = ∇y (g ⊙ (W0 + s·A B))ᵀ in one matmul (the module's own x W0 gets
-    # no cotangent: y0 returns None), ∇B = s·(hᵀ ∇y) ⊙ g, ∇A = xᵀ(∇y (s·B ⊙ g)ᵀ).
+  tokens = dy.size // proj.o_dim
+  if w0 is not None and tokens >= proj.i_dim:
+    # A frozen stored kernel and at least as many tokens as inputs: g goes on the [I, O] /
+    # [r, O] matrices, not on a [tokens, O] cotangent. ∇x = ∇y (g ⊙ (W0 + s·A B))ᵀ in one
+    # matmul (the module's own x W0 gets no cotangent: y0 returns None),
+    # ∇B = s·(hᵀ ∇y) ⊙ g, ∇A = xᵀ(∇y (s·B ⊙ g)ᵀ). With fewer tokens than inputs the
+    # [tokens, O] cotangent below is the smaller temporary.
     g_o = proj.per_output_sum(g)  # g is y's broadcast of [O]: back to [O]
+    # A data dependence on this layer's cotangent (a product with 0 XLA keeps for floats):
+    # without it XLA may form every layer's [I, O] temporary at the start of an unrolled
+    # backward, all alive at once (an optimization barrier is gone before scheduling).
+    g_o = g_o + 0.0 * dy32.reshape(-1)[0]
     gs = (scale * g_o).astype(_F32)
     dh, hdy = proj.up_transpose(dy.astype(dt), h, (b.astype(_F32) * gs).astype(dt))
     w_adapted = (w0.astype(_F32) + core.lora_delta(a, b, scale)) * g_o
