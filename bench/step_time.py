@@ -3,8 +3,11 @@
 Each configuration builds a random-weight :class:`dora_jax.models.llama.Llama`,
 creates adapters with :func:`dora_jax.init_adapters`, runs the model through
 :func:`dora_jax.wrap` and trains them with optax AdamW in one jitted step
-(:func:`dora_jax.make_train_step`: forward, backward, optimizer update). The
-``frozen-forward`` method times the base model's jitted forward and loss only.
+(:func:`dora_jax.make_train_step`: forward, backward, optimizer update), as the trainer
+runs it: the unrolled model (``--scan`` stacks the layers) and, for DoRA / DVoRA, the
+base kernels' ``||W0||²_c`` computed once and passed in (``--no-cached-norms``
+recomputes them every step). The ``frozen-forward`` method times the base model's jitted
+forward and loss only.
 One JSON line per configuration goes to stdout (and ``--out``)::
 
   python -m bench.step_time --preset tiny --methods frozen-forward,lora,dora \\
@@ -61,6 +64,7 @@ class Spec:
   attention_impl: str = "auto"
   seed: int = 0
   dump_hlo: str | None = None
+  cached_norms: bool = True  # DoRA / DVoRA: ||W0||²_c computed once, as the trainer does
 
   @property
   def label(self) -> str:
@@ -184,9 +188,16 @@ def build_step(spec: Spec, dtype: str, attention_impl: str | None):
   init = jax.jit(lambda key, p: dora_jax.init_adapters(key, p, cfg, layouts=layouts))
   adapters = init(jax.random.key(spec.seed + 1), params)
   apply = dora_jax.wrap(model.apply, cfg, dora_path=spec.dora_path or DEFAULT_PATH)
+  norms = None
+  if spec.method in DORA_METHODS and spec.cached_norms:
+    from dora_jax import linen as dora_linen
 
-  def loss_fn(params, adapters, batch, rng):
-    return cross_entropy(apply(params, adapters, batch["input_ids"]), batch["targets"])
+    norms = jax.jit(dora_linen.base_norms)(params, adapters)
+  frozen = {"params": params, "base_norms": norms}  # the trainer's frozen inputs
+
+  def loss_fn(frozen, adapters, batch, rng):
+    logits = apply(frozen["params"], adapters, batch["input_ids"], base_norms=frozen["base_norms"])
+    return cross_entropy(logits, batch["targets"])
 
   tx = dora_jax.freeze_base(optax.adamw(1e-4, weight_decay=0.01, mask=dora_jax.weight_decay_mask))
   opt_state = tx.init(adapters)
@@ -203,7 +214,7 @@ def build_step(spec: Spec, dtype: str, attention_impl: str | None):
   extra = {"trainable_params": int(sum(x.size for x, t in zip(jax.tree.leaves(adapters), trainable)
                                        if t)),
            "adapted_matrices": int(sum(m.count for m in adapted))}
-  return step, (params, adapters, opt_state, batch, jax.random.key(spec.seed + 2)), next_args, flops, extra
+  return step, (frozen, adapters, opt_state, batch, jax.random.key(spec.seed + 2)), next_args, flops, extra
 
 
 def dump_hlo(compiled, spec: Spec) -> str:
@@ -304,6 +315,7 @@ class Prepared:
     record = {
         "bench": "step_time", "label": spec.label, "method": spec.method,
         "dora_path": (spec.dora_path or DEFAULT_PATH) if spec.method in DORA_METHODS else None,
+        "cached_norms": spec.cached_norms if spec.method in DORA_METHODS else None,
         "path": None if spec.method == "frozen-forward" else spec.dora_path or DEFAULT_PATH,
         "preset": spec.preset, "batch": spec.batch, "seq": spec.seq, "tokens_per_step": tokens,
         "rank": None if spec.method == "frozen-forward" else spec.adapter_rank,
@@ -532,6 +544,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--preset", default="tiny", choices=sorted(common.PRESETS))
   p.add_argument("--methods", default="frozen-forward,lora,dora",
                  help=f"comma list of {', '.join(METHODS)}")
+  p.add_argument("--cached-norms", action=argparse.BooleanOptionalAction, default=True,
+                 help="DoRA / DVoRA: pass ||W0||²_c computed once (dora_jax.linen.base_norms), as the"
+                      " trainer does; --no-cached-norms recomputes it in every step")
   p.add_argument("--dora-paths", default=",".join(DORA_PATHS),
                  help=f"DoRA execution paths to time (dora_jax.wrap's dora_path): {', '.join(DORA_PATHS)}")
   p.add_argument("--lora-paths", default=DEFAULT_PATH,
@@ -579,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   base = Spec(preset=args.preset, batch=args.batch, seq=args.seq, rank=args.rank,
               targets=common.parse_list(args.targets), dtype=args.dtype, steps=args.steps,
               warmup=args.warmup, scan=args.scan, remat=args.remat,
-              attention_impl=args.attention_impl, seed=args.seed, dump_hlo=args.dump_hlo)
+              attention_impl=args.attention_impl, seed=args.seed, dump_hlo=args.dump_hlo,
+              cached_norms=args.cached_norms)
   vera_ranks = tuple(int(r) for r in common.parse_list(args.vera_ranks))
   results = run_all(expand_specs(base, methods, paths, vera_ranks, tuple(lora_paths)), isolate=args.isolate,
                     interleave=args.interleave, out_path=args.out, timeout_s=args.timeout)
