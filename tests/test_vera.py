@@ -179,8 +179,14 @@ def test_save_load_and_peft_export_refusal(tmp_path):
     dora_jax.export_peft(tmp_path / "p", ad, cfg)
 
 
-def _dir_bytes(path):
-  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _saved_tree(path):
+  """The tree of arrays in an adapter directory's Orbax checkpoint, from its metadata (what
+  the files hold; directory byte counts depend on how Orbax packs them and were flaky)."""
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path / "adapters")
+  return getattr(getattr(meta, "item_metadata", meta), "tree", meta)
 
 
 def test_save_projection_false_leaves_projections_out_and_redraws_them(tmp_path):
@@ -192,8 +198,7 @@ def test_save_projection_false_leaves_projections_out_and_redraws_them(tmp_path)
   lean = dataclasses.replace(cfg, save_projection=False)
   dora_jax.save_adapters(tmp_path / "full", ad, cfg)
   dora_jax.save_adapters(tmp_path / "lean", ad, lean)
-  projection_bytes = sum(v.nbytes for v in ad["shared"].values())
-  assert _dir_bytes(tmp_path / "full") - _dir_bytes(tmp_path / "lean") >= projection_bytes
+  assert "shared" in _saved_tree(tmp_path / "full") and "shared" not in _saved_tree(tmp_path / "lean")
   loaded, loaded_cfg = dora_jax.load_adapters(tmp_path / "lean", lean)
   assert loaded_cfg == lean
   for k in ("vera_A", "vera_B"):
