@@ -149,9 +149,9 @@ class Projection:
 
     Computed as ``(∇hᵀ x)ᵀ``: contracting the token axes of ``x`` where they are its
     major axes lets XLA:CPU read ``x`` in place; ``xᵀ ∇h`` as written copied ``x``
-    transposed (a ``[I, tokens]`` copy per adapted layer, ~7 % of the ``tiny`` LoRA
-    step). The optimization barrier keeps XLA from folding the final ``[r, I]``
-    transpose back into the product.
+    transposed (a ``[I, tokens]`` copy per adapted layer: 2.1 of the 36 ms of op time
+    in the ``tiny`` 2×128 LoRA step). The optimization barrier keeps XLA from folding
+    the final ``[r, I]`` transpose back into the product.
     """
     rl = self._rank_letter()
     return _down_weight_grad(f"{self.free}{rl},{self.lhs}->{rl}{self.ins}", dh.astype(x.dtype),
