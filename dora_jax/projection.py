@@ -26,28 +26,22 @@ Array = jax.Array
 _F32 = jnp.float32
 
 
-def _down_weight_grad(equation: str, dh: Array, x: Array) -> Array:
-  """``einsum(equation, dh, x)`` -> ``[r, *ins]`` float32, transposed to ``[*ins, r]``."""
-  dat = jax.lax.optimization_barrier(jnp.einsum(equation, dh, x, preferred_element_type=_F32))
-  return jnp.moveaxis(dat, 0, -1)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _down_product(equations: tuple[str, str], x: Array, a: Array) -> Array:
-  """``einsum(equations[0], x, a)`` float32; the backward's ``∇a`` from ``equations[1]``."""
-  return jnp.einsum(equations[0], x, a, preferred_element_type=_F32)
+def _down_product(proj: "Projection", x: Array, a: Array) -> Array:
+  """``x A`` ``[*free, r]`` float32 (``a: [I, r]``), its backward :meth:`Projection.down_transpose`."""
+  r, rl = a.shape[-1], proj._rank_letter()
+  return jnp.einsum(f"{proj.lhs},{proj.ins}{rl}->{proj.free}{rl}", x, a.reshape(*proj.in_shape, r),
+                    preferred_element_type=_F32)
 
 
-def _down_product_fwd(equations, x, a):
-  return _down_product(equations, x, a), (x, a)
+def _down_product_fwd(proj, x, a):
+  return _down_product(proj, x, a), (x, a)
 
 
-def _down_product_bwd(equations, residuals, dh):
+def _down_product_bwd(proj, residuals, dh):
   x, a = residuals
-  _, x_vjp = jax.vjp(lambda x_: jnp.einsum(equations[0], x_, a, preferred_element_type=_F32), x)
-  (dx,) = x_vjp(dh)
-  da = _down_weight_grad(equations[1], dh.astype(x.dtype), x)
-  return dx.astype(x.dtype), da.astype(a.dtype)
+  dx, da = proj.down_transpose(dh.astype(x.dtype), x, a)
+  return dx, da.astype(a.dtype)
 
 
 _down_product.defvjp(_down_product_fwd, _down_product_bwd)
@@ -134,15 +128,10 @@ class Projection:
   def down(self, x: Array, a: Array, dtype) -> Array:
     """``h = x A`` ``[*free, r]`` in ``dtype`` (accumulated in float32).
 
-    Differentiable; its backward gives ``∇A`` as :meth:`down_transpose` does (see
-    :meth:`down_weight_grad`), ``∇x = ∇h Aᵀ`` as autodiff.
+    Differentiable; its backward is :meth:`down_transpose` (``∇A`` as
+    :meth:`down_weight_grad` computes it), the cotangent rounded to ``dtype`` first.
     """
-    r, rl = a.shape[-1], self._rank_letter()
-    equation = f"{self.lhs},{self.ins}{rl}->{self.free}{rl}"
-    grad_equation = f"{self.free}{rl},{self.lhs}->{rl}{self.ins}"
-    h = _down_product((equation, grad_equation), x.astype(dtype),
-                      a.astype(dtype).reshape(*self.in_shape, r))
-    return h.astype(dtype)
+    return _down_product(self, x.astype(dtype), a.astype(dtype)).astype(dtype)
 
   def down_weight_grad(self, dh: Array, x: Array) -> Array:
     """``∇A = xᵀ ∇h`` ``[I, r]`` float32 for ``dh: [*free, r]``, ``x`` in ``lhs``.
@@ -154,8 +143,9 @@ class Projection:
     the final ``[r, I]`` transpose back into the product.
     """
     rl = self._rank_letter()
-    return _down_weight_grad(f"{self.free}{rl},{self.lhs}->{rl}{self.ins}", dh.astype(x.dtype),
-                             x).reshape(self.i_dim, dh.shape[-1])
+    dat = jnp.einsum(f"{self.free}{rl},{self.lhs}->{rl}{self.ins}", dh.astype(x.dtype), x,
+                     preferred_element_type=_F32)
+    return jnp.moveaxis(jax.lax.optimization_barrier(dat), 0, -1).reshape(self.i_dim, dh.shape[-1])
 
   def up(self, h: Array, b: Array, dtype) -> Array:
     """``h B`` in ``y``'s layout, float32; ``h: [*free, r]``, ``b: [r, O]``."""

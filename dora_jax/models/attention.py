@@ -127,18 +127,15 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, scale=scale,
                                         implementation=implementation)
   b, t, h, hd = q.shape
-  if softcap is None:
-    s, kh = k.shape[1], k.shape[2]
-    if mask is None:
-      mask = jnp.tril(jnp.ones((t, s), bool))[None, None]
-    qh = q.reshape(b, t, kh, h // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
-    out = _attention_head_major(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                                mask[:, :, None], hd ** -0.5 if scale is None else scale)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
   s, kh = k.shape[1], k.shape[2]
   if mask is None:
     mask = jnp.tril(jnp.ones((t, s), bool))[None, None]
   scale = hd ** -0.5 if scale is None else scale
+  if softcap is None:
+    qh = q.reshape(b, t, kh, h // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
+    out = _attention_head_major(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                mask[:, :, None], scale)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
   qg = q.reshape(b, t, kh, h // kh, hd)
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
   scores = softcap * jnp.tanh(scores / softcap)
